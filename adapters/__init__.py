@@ -1,0 +1,1 @@
+"""Conditioning adapters the shipped AMDM workflows need, one folder per model family."""
