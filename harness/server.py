@@ -16,8 +16,8 @@ import urllib.request
 
 from . import runtime
 
-_COPY_IGNORE = shutil.ignore_patterns("models", "custom_nodes", "output", "input", "user", "temp",
-                                      "__pycache__", ".git", "extra_model_paths.yaml", "tests", "tests-unit")
+_TOP_LEVEL_SKIP = {"models", "custom_nodes", "output", "input", "user", "temp", ".git",
+                   "extra_model_paths.yaml", "tests", "tests-unit"}
 
 
 def free_port():
@@ -31,7 +31,13 @@ def comfyui_copy(dest_root):
     the vendored one points at a folder that does not exist)."""
     dest = os.path.join(dest_root, "ComfyUI")
     if not os.path.isdir(dest):
-        shutil.copytree(runtime.comfyui_dir(), dest, ignore=_COPY_IGNORE)
+        source = runtime.comfyui_dir()
+
+        def skip(folder, names):
+            top = _TOP_LEVEL_SKIP if os.path.samefile(folder, source) else set()
+            return [n for n in names if n in top or n == "__pycache__"]
+
+        shutil.copytree(source, dest, ignore=skip)
     return dest
 
 
