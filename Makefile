@@ -8,6 +8,7 @@ env:
 	@bash scripts/setup_env.sh
 
 test: env
+	@bash scripts/setup_browser.sh
 	$(PYTHON) -m pytest -c tests/pytest.ini --rootdir tests tests $(PYTEST_ARGS)
 
 demo: env
