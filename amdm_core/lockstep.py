@@ -1,0 +1,164 @@
+"""The AMDM lockstep loop over abstract branches (spec section 3).
+
+A branch is a callable denoise(x, sigma) -> D (the CFG-combined x0 estimate, as ComfyUI's guiders
+return it), called with sigma as a float tensor of shape [batch] (sigma_i * ones(batch), exactly as
+k-diffusion samplers call their model). Branch 0 is the main branch.
+
+    for i = 0 .. T-1:
+        every active branch k (aux branches only while i <= s):
+            D_k = denoise_k(x_k, sigma_i);  eps_k = (x_k - D_k) / sigma_i
+            y_k = step_k(x_k, D_k, sigma_i, sigma_{i+1})
+        if 1 <= i <= s:                                   # step 0 is never aggregated
+            xbar = aggregate(y_0 .. y_{N-1}; weights)
+            every branch k:  y_k = deviation_correct(xbar, mu_k, p_k)    (VP space at sigma_{i+1})
+        every active branch k:  E_k = eps_k;  x_k = y_k
+
+mu_k ("reference"): reference_mean(VP of x_k at sigma_i, E_k, timestep of sigma_{i-1});
+mu_k ("exact"): the branch's deterministic DDIM mean x_k + (sigma_{i+1} - sigma_i) eps_k, in VP.
+Model calls: T + (N - 1)(s + 1), with s clamped to T - 1.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from .aggregation import AGGREGATION_MODES, aggregate
+from .deviation import MEAN_MODES, deviation_direction, reference_mean
+from .schedule import from_vp, timestep_of_sigma, to_vp
+from .steps import EulerStep
+
+
+@dataclass
+class LockstepResult:
+    x: torch.Tensor  # main branch latent after the last step run
+    branch_latents: list  # every branch's latent (index 0 = main) at the end of the window / run
+    branch_eps: list  # every branch's last eps (needed to continue)
+    model_calls: int  # denoiser calls made
+    steps_done: int
+
+
+def expected_model_calls(steps, branches, aggregation_steps):
+    """T + (N - 1)(s + 1) with s clamped to [0, T - 1]: aux branches run steps 0 .. s only."""
+    window = min(max(int(aggregation_steps), 0), int(steps) - 1)
+    return int(steps) + (int(branches) - 1) * (window + 1)
+
+
+def _per_branch(value, count, name):
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{name} needs one value per branch ({count} branches), got {len(value)}")
+        return [float(v) for v in value]
+    return [float(value)] * count
+
+
+def _validate(denoisers, initial_latents, sigmas, aggregation_steps, weights, aggregation, mean_mode, sigma_table):
+    n = len(denoisers)
+    if n < 1:
+        raise ValueError("run_lockstep needs at least one branch (the main one)")
+    if len(initial_latents) != n:
+        raise ValueError(f"{n} denoisers but {len(initial_latents)} initial latents; give one latent per branch")
+    shape = tuple(initial_latents[0].shape)
+    for k, latent in enumerate(initial_latents):
+        if tuple(latent.shape) != shape:
+            raise ValueError(
+                f"branch {k}'s latent has shape {tuple(latent.shape)}, the main branch's {shape}; "
+                "all branches must share one latent format and batch size"
+            )
+    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError("sigmas must be a 1-D tensor with T + 1 >= 2 entries (the last may be 0)")
+    if not bool((sigmas[:-1] > 0).all()):
+        raise ValueError("every sigma but the last must be > 0")
+    if int(aggregation_steps) < 0:
+        raise ValueError(f"aggregation_steps must be >= 0, got {aggregation_steps}")
+    if len(weights) != n - 1:
+        raise ValueError(f"weights needs one value per aux branch ({n - 1}), got {len(weights)}")
+    if aggregation not in AGGREGATION_MODES:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATION_MODES}")
+    if aggregation == "paper" and n > 3:
+        raise ValueError(f"aggregation 'paper' is defined for 2 or 3 branches, got {n}; use 'sequential'")
+    if mean_mode not in MEAN_MODES:
+        raise ValueError(f"unknown mean_mode {mean_mode!r}; choose one of {MEAN_MODES}")
+    if mean_mode == "reference" and n > 1 and int(aggregation_steps) >= 1 and sigma_table is None:
+        raise ValueError(
+            "mean_mode 'reference' needs sigma_table, the model's 1000-entry discrete sigma table "
+            "(ComfyUI: model_sampling.sigmas)"
+        )
+
+
+def run_lockstep(
+    denoisers,
+    initial_latents,
+    sigmas,
+    *,
+    aggregation_steps,
+    weights,
+    aggregation="sequential",
+    deviation_steps=0.3,
+    mean_mode="reference",
+    sigma_table=None,
+    make_step=lambda branch_index: EulerStep(),
+    callback=None,
+    check_interrupt=None,
+    stop_after_window=False,
+):
+    """Sample N branches in lockstep with AMDM aggregation during steps 1 .. s (module docstring).
+
+    denoisers[k](x, sigma[batch]) -> D; initial_latents[k]: branch k's start x (noise already scaled for
+    sigmas[0]); sigmas: 1-D, T + 1 entries; aggregation_steps: s; weights: one per aux branch;
+    deviation_steps: p for every branch or a list of p_k; sigma_table: the 1000-entry table (required for
+    mean_mode "reference"); make_step(k) -> the step object of branch k; callback(i, main D, main x after
+    step i); check_interrupt() before each step (raise to stop); stop_after_window: return right after
+    step s, leaving the tail to the caller.
+    """
+    weights = list(weights)
+    _validate(denoisers, initial_latents, sigmas, aggregation_steps, weights, aggregation, mean_mode, sigma_table)
+    n = len(denoisers)
+    total_steps = sigmas.numel() - 1
+    window = min(int(aggregation_steps), total_steps - 1)
+    p = _per_branch(deviation_steps, n, "deviation_steps")
+    steps = [make_step(k) for k in range(n)]
+
+    x = list(initial_latents)
+    eps_prev = [None] * n
+    s_in = x[0].new_ones([x[0].shape[0]])
+    model_calls = 0
+    steps_done = 0
+    for i in range(total_steps):
+        if check_interrupt is not None:
+            check_interrupt()
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        active = range(n) if i <= window else range(1)
+        y = list(x)
+        eps = list(eps_prev)
+        main_denoised = None
+        for k in active:
+            denoised = denoisers[k](x[k], sigma * s_in)
+            model_calls += 1
+            eps[k] = (x[k] - denoised) / sigma
+            y[k] = steps[k](x[k], denoised, sigma, sigma_next)
+            if k == 0:
+                main_denoised = denoised
+
+        if n > 1 and 1 <= i <= window:
+            xbar = aggregate(y, weights, aggregation)
+            xbar_vp = to_vp(xbar, sigma_next)
+            t_prev = timestep_of_sigma(sigmas[i - 1], sigma_table) if mean_mode == "reference" else None
+            for k in range(n):
+                if mean_mode == "reference":
+                    mu = reference_mean(to_vp(x[k], sigma), eps_prev[k], t_prev, sigma_table)
+                else:
+                    mu = to_vp(x[k] + eps[k] * (sigma_next - sigma), sigma_next)
+                # from_vp is linear: step in VP, then scale only the correction back, so p = 0 leaves
+                # xbar bit-identical (no round trip through VP).
+                y[k] = xbar - p[k] * from_vp(deviation_direction(xbar_vp, mu), sigma_next)
+
+        for k in active:
+            x[k], eps_prev[k] = y[k], eps[k]
+        steps_done = i + 1
+        if callback is not None:
+            callback(i, main_denoised, x[0])
+        if stop_after_window and i == window:
+            break
+
+    return LockstepResult(
+        x=x[0], branch_latents=list(x), branch_eps=list(eps_prev), model_calls=model_calls, steps_done=steps_done
+    )
