@@ -102,7 +102,9 @@ def scaled_linear_sigma_table(beta_start=0.00085, beta_end=0.012, timesteps=1000
 
 def ddim_uniform_sigmas(sigma_table, steps):
     """ComfyUI's "ddim_uniform" schedule: every (len(table) // steps)-th table sigma starting at index 1,
-    descending, then 0. For the SD1.5 table and 50 steps these are timesteps 981, 961, ..., 1."""
+    descending, then 0. For the SD1.5 table and 50 steps these are timesteps 981, 961, ..., 1.
+    Like ComfyUI's, it gives MORE than `steps` sigmas when steps does not divide the table length
+    (12 steps: stride 83, 13 steps)."""
     _check_table(sigma_table)
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1; got {steps}")

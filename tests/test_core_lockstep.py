@@ -1,0 +1,283 @@
+"""amdm_core.lockstep.run_lockstep against spec section 3.
+
+`spec_loop` below is a straightforward float64 transcription of spec section 3 (DDIM written in VP
+form, its own slerp, its own timestep lookup and posterior mean), written independently of amdm_core.
+"""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_core_aggregation import reference_slerp
+from test_core_deviation import sd15_sigmas_float32
+
+from amdm_core import AncestralStep, ddim_uniform_sigmas, expected_model_calls, run_lockstep
+
+SHAPE = (2, 4, 6, 6)
+TABLE = sd15_sigmas_float32()
+
+
+def make_denoiser(k):
+    """A smooth nonlinear toy denoiser D(x, sigma), different per branch, dtype-agnostic."""
+    gen = torch.Generator().manual_seed(100 + k)
+    mean = torch.randn(SHAPE[1:], generator=gen)
+    gain = 0.5 + torch.rand(SHAPE[1:], generator=gen)
+
+    def denoise(x, sigma):
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        m, g = mean.to(x.dtype), gain.to(x.dtype)
+        return (g * x + s**2 * m) / (1 + s**2) + 0.2 * torch.tanh(x) * s / (1 + s)
+
+    return denoise
+
+
+class Counted:
+    """Wraps a denoiser and records the sigmas it was called with."""
+
+    def __init__(self, fn):
+        self.fn, self.sigmas = fn, []
+
+    def __call__(self, x, sigma):
+        assert sigma.shape == (x.shape[0],)
+        self.sigmas.append(float(sigma[0]))
+        return self.fn(x, sigma)
+
+
+def initial_latents(n, sigma0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(SHAPE, generator=gen) * sigma0 for _ in range(n)]
+
+
+def spec_aggregate(ys, weights, mode):
+    if mode == "paper" and len(ys) == 3:
+        return reference_slerp(reference_slerp(ys[1], ys[0], weights[0]), reference_slerp(ys[0], ys[2], weights[1]), weights[1])
+    merged = ys[0]
+    for y, w in zip(ys[1:], weights):
+        merged = (1 - w) * merged + w * y if mode == "linear" else reference_slerp(merged, y, w)
+    return merged
+
+
+def spec_loop(denoisers, init, sigmas, s, weights, mode, p, mean_mode, table):
+    """Spec section 3, float64. Returns the final latents of all branches."""
+    sig = sigmas.double().numpy()
+    tab = table.double().numpy()
+    n = len(denoisers)
+    x = [t.double().numpy() for t in init]
+    prev_eps = [None] * n
+    batch = x[0].shape[0]
+    per_item = lambda v: v.reshape(batch, -1)  # noqa: E731
+    for i in range(len(sig) - 1):
+        active = range(n) if i <= s else [0]
+        y, eps = list(x), list(prev_eps)
+        abar, abar_next = 1 / (1 + sig[i] ** 2), 1 / (1 + sig[i + 1] ** 2)
+        for k in active:
+            d = denoisers[k](torch.from_numpy(x[k]), torch.full((batch,), sig[i], dtype=torch.float64)).numpy()
+            eps[k] = (x[k] - d) / sig[i]
+            y_vp = np.sqrt(abar_next) * d + np.sqrt(1 - abar_next) * eps[k]  # DDIM, eta 0
+            y[k] = y_vp / np.sqrt(abar_next)
+        if 1 <= i <= s:
+            xbar_vp = spec_aggregate(y, weights, mode) * np.sqrt(abar_next)
+            corrected = []
+            for k in range(n):
+                if mean_mode == "reference":
+                    tau = int(np.argmin(np.abs(np.log(tab) - np.log(sig[i - 1]))))
+                    ab_tau = 1 / (1 + tab[tau] ** 2)
+                    alpha = ab_tau / (1.0 if tau == 0 else 1 / (1 + tab[tau - 1] ** 2))
+                    mu = (x[k] * np.sqrt(abar) - (1 - alpha) / np.sqrt(1 - ab_tau) * prev_eps[k]) / np.sqrt(alpha)
+                else:
+                    mu = y[k] * np.sqrt(abar_next)
+                diff = per_item(xbar_vp - mu)
+                unit = diff / np.linalg.norm(diff, axis=1, keepdims=True)
+                corrected.append((per_item(xbar_vp) - p[k] * unit).reshape(xbar_vp.shape) / np.sqrt(abar_next))
+            y = corrected
+        for k in active:
+            x[k], prev_eps[k] = y[k], eps[k]
+    return x
+
+
+CONFIGS = [
+    # (branches, s, aggregation, mean_mode, p, weights)
+    (2, 5, "sequential", "reference", [0.3, 0.3], [0.5]),
+    (2, 5, "linear", "reference", [0.3, 0.3], [0.5]),
+    (2, 3, "sequential", "exact", [0.1, 0.6], [0.7]),
+    (3, 4, "paper", "reference", [0.3, 0.2, 0.4], [0.5, 0.6]),
+    (3, 4, "sequential", "exact", [0.3, 0.3, 0.3], [0.4, 0.3]),
+    (4, 2, "sequential", "reference", [0.3] * 4, [0.5, 0.3, 0.6]),
+    (2, 11, "sequential", "reference", [0.3, 0.3], [0.5]),  # window covers every step (s >= T - 1)
+    (2, 1, "sequential", "reference", [0.0, 0.0], [0.5]),
+]
+
+
+@pytest.mark.parametrize("n, s, mode, mean_mode, p, weights", CONFIGS)
+def test_loop_matches_a_transcription_of_the_spec(n, s, mode, mean_mode, p, weights):
+    sigmas = ddim_uniform_sigmas(TABLE, 10)
+    denoisers = [make_denoiser(k) for k in range(n)]
+    init = initial_latents(n, float(sigmas[0]), seed=n + s)
+    result = run_lockstep(
+        denoisers, init, sigmas, aggregation_steps=s, weights=weights, aggregation=mode,
+        deviation_steps=p, mean_mode=mean_mode, sigma_table=TABLE,
+    )
+    expected = spec_loop(denoisers, init, sigmas, s, weights, mode, p, mean_mode, TABLE)
+    np.testing.assert_allclose(result.x.numpy(), expected[0], rtol=1e-4, atol=2e-4)
+    if s < 9:  # aux branches stopped after step s; their latents are those of the window's end
+        stopped = spec_loop(denoisers, init, sigmas[: s + 2], s, weights, mode, p, mean_mode, TABLE)
+        for k in range(1, n):
+            np.testing.assert_allclose(result.branch_latents[k].numpy(), stopped[k], rtol=1e-4, atol=2e-4)
+    assert result.steps_done == 10
+    # the transcription is sensitive to what the window does: without it the result is far away
+    plain = spec_loop(denoisers[:1], init[:1], sigmas, 0, [], mode, p, mean_mode, TABLE)[0]
+    if s >= 1 and any(w > 0 for w in weights):
+        assert np.abs(plain - expected[0]).max() > 1e-2
+
+
+@settings(max_examples=30, deadline=None)
+@given(steps=st.integers(1, 10), n=st.integers(1, 4), s=st.integers(0, 14))
+def test_model_calls_are_T_plus_aux_times_window(steps, n, s):
+    sigmas = torch.linspace(10.0, 0.0, steps + 1)
+    denoisers = [Counted(make_denoiser(k)) for k in range(n)]
+    result = run_lockstep(denoisers, initial_latents(n, float(sigmas[0])), sigmas, aggregation_steps=s,
+                          weights=[0.5] * (n - 1), sigma_table=TABLE)
+    window = min(s, steps - 1)
+    assert result.model_calls == steps + (n - 1) * (window + 1) == expected_model_calls(steps, n, s)
+    assert sum(len(d.sigmas) for d in denoisers) == result.model_calls
+    assert denoisers[0].sigmas == pytest.approx(sigmas[:-1].tolist(), rel=0, abs=0)
+    for aux in denoisers[1:]:  # aux branches run steps 0 .. s and then stop
+        assert aux.sigmas == pytest.approx(sigmas[: window + 1].tolist(), rel=0, abs=0)
+
+
+def ddim_vp(denoise, x, sigmas):
+    """Plain DDIM (eta 0) in VP form, float64: x_vp' = sqrt(abar') x0 + sqrt(1 - abar') eps."""
+    x = x.double()
+    for sigma, nxt in zip(sigmas[:-1].double(), sigmas[1:].double()):
+        d = denoise(x, sigma.expand(x.shape[0]))
+        eps = (x - d) / sigma
+        abar_next = 1 / (1 + nxt**2)
+        x = (abar_next.sqrt() * d + (1 - abar_next).sqrt() * eps) / abar_next.sqrt()
+    return x
+
+
+def test_s0_is_a_plain_ddim_run_of_the_main_branch():
+    sigmas = ddim_uniform_sigmas(TABLE, 20)
+    denoisers = [make_denoiser(0), make_denoiser(1), make_denoiser(2)]
+    init = initial_latents(3, float(sigmas[0]), seed=7)
+    result = run_lockstep(denoisers, init, sigmas, aggregation_steps=0, weights=[0.5, 0.6], sigma_table=TABLE)
+    torch.testing.assert_close(result.x.double(), ddim_vp(denoisers[0], init[0], sigmas), rtol=1e-5, atol=1e-5)
+    alone = run_lockstep(denoisers[:1], init[:1], sigmas, aggregation_steps=0, weights=[])
+    assert torch.equal(result.x, alone.x)
+    assert result.model_calls == 20 + 2
+
+
+def test_zero_weights_and_zero_p_leave_the_main_branch_bit_identical():
+    sigmas = ddim_uniform_sigmas(TABLE, 15)
+    denoisers = [make_denoiser(0), make_denoiser(1)]
+    init = initial_latents(2, float(sigmas[0]), seed=3)
+    alone = run_lockstep(denoisers[:1], init[:1], sigmas, aggregation_steps=0, weights=[])
+    for mean_mode in ("reference", "exact"):
+        joint = run_lockstep(denoisers, init, sigmas, aggregation_steps=10, weights=[0.0], deviation_steps=0.0,
+                             mean_mode=mean_mode, sigma_table=TABLE)
+        assert torch.equal(joint.x, alone.x)
+
+
+def test_step_0_is_never_aggregated_and_step_1_is():
+    sigmas = ddim_uniform_sigmas(TABLE, 10)
+    denoisers = [make_denoiser(0), make_denoiser(1)]
+    init = initial_latents(2, float(sigmas[0]), seed=4)
+    seen = []
+    run_lockstep(denoisers, init, sigmas, aggregation_steps=5, weights=[0.5], sigma_table=TABLE,
+                 callback=lambda i, d, x: seen.append((i, d.clone(), x.clone())))
+    alone = []
+    run_lockstep(denoisers[:1], init[:1], sigmas, aggregation_steps=0, weights=[],
+                 callback=lambda i, d, x: alone.append((i, d.clone(), x.clone())))
+    assert [i for i, _, _ in seen] == list(range(10))
+    assert torch.equal(seen[0][2], alone[0][2])  # step 0: the main branch's own step
+    assert torch.equal(seen[1][1], alone[1][1])  # step 1 starts from the same x ...
+    assert not torch.allclose(seen[1][2], alone[1][2], atol=1e-3)  # ... and ends aggregated
+
+
+def test_with_p0_every_branch_continues_from_the_same_aggregate():
+    sigmas = ddim_uniform_sigmas(TABLE, 10)
+    denoisers = [make_denoiser(k) for k in range(3)]
+    result = run_lockstep(denoisers, initial_latents(3, float(sigmas[0]), seed=5), sigmas, aggregation_steps=3,
+                          weights=[0.5, 0.6], deviation_steps=0.0, sigma_table=TABLE, stop_after_window=True)
+    assert torch.equal(result.branch_latents[0], result.branch_latents[1])
+    assert torch.equal(result.branch_latents[0], result.branch_latents[2])
+
+
+def test_stop_after_window_then_the_tail_equals_the_full_run():
+    sigmas = ddim_uniform_sigmas(TABLE, 20)
+    denoisers = [make_denoiser(0), make_denoiser(1)]
+    init = initial_latents(2, float(sigmas[0]), seed=6)
+    kwargs = dict(aggregation_steps=4, weights=[0.5], sigma_table=TABLE)
+    full = run_lockstep(denoisers, init, sigmas, **kwargs)
+    window = run_lockstep(denoisers, init, sigmas, stop_after_window=True, **kwargs)
+    assert window.steps_done == 5 and window.model_calls == 10
+    assert len(window.branch_eps) == 2 and all(e is not None for e in window.branch_eps)
+    tail = run_lockstep(denoisers[:1], [window.x], sigmas[5:], aggregation_steps=0, weights=[])
+    assert torch.equal(tail.x, full.x)
+
+
+def test_interrupt_hook_stops_before_the_next_step():
+    sigmas = ddim_uniform_sigmas(TABLE, 10)
+    counted = [Counted(make_denoiser(0)), Counted(make_denoiser(1))]
+    checks = []
+
+    class Interrupted(Exception):
+        pass
+
+    def check():
+        checks.append(1)
+        if len(checks) == 4:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_lockstep(counted, initial_latents(2, float(sigmas[0])), sigmas, aggregation_steps=5, weights=[0.5],
+                     sigma_table=TABLE, check_interrupt=check)
+    assert len(counted[0].sigmas) == 3 and len(counted[1].sigmas) == 3
+
+
+def test_ancestral_steps_use_each_branch_s_own_noise():
+    sigmas = ddim_uniform_sigmas(TABLE, 10)
+    denoisers = [make_denoiser(0), make_denoiser(1)]
+    init = initial_latents(2, float(sigmas[0]), seed=8)
+
+    def sampler(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return lambda sigma, sigma_next: torch.randn(SHAPE, generator=gen)
+
+    def run(seeds, s):
+        return run_lockstep(denoisers, init, sigmas, aggregation_steps=s, weights=[0.5], sigma_table=TABLE,
+                            make_step=lambda k: AncestralStep(sampler(seeds[k]))).x
+
+    # s = 0: the main result depends only on the main branch's noise
+    assert torch.equal(run([1, 2], 0), run([1, 3], 0))
+    assert not torch.equal(run([1, 2], 0), run([4, 2], 0))
+    # inside the window the aux branch's noise reaches the main result
+    assert not torch.allclose(run([1, 2], 3), run([1, 3], 3), atol=1e-3)
+    # eta = 0 is the deterministic Euler step
+    euler = run_lockstep(denoisers, init, sigmas, aggregation_steps=3, weights=[0.5], sigma_table=TABLE).x
+    eta0 = run_lockstep(denoisers, init, sigmas, aggregation_steps=3, weights=[0.5], sigma_table=TABLE,
+                        make_step=lambda k: AncestralStep(sampler(k), eta=0.0)).x
+    torch.testing.assert_close(eta0, euler, rtol=0, atol=1e-6)
+
+
+def test_bad_arguments_are_reported():
+    sigmas = ddim_uniform_sigmas(TABLE, 5)
+    dens = [make_denoiser(0), make_denoiser(1)]
+    init = initial_latents(2, float(sigmas[0]))
+    ok = dict(aggregation_steps=2, weights=[0.5], sigma_table=TABLE)
+    with pytest.raises(ValueError, match="one latent per branch"):
+        run_lockstep(dens, init[:1], sigmas, **ok)
+    with pytest.raises(ValueError, match="share one latent format"):
+        run_lockstep(dens, [init[0], init[1][:, :, :4]], sigmas, **ok)
+    with pytest.raises(ValueError, match="needs sigma_table"):
+        run_lockstep(dens, init, sigmas, aggregation_steps=2, weights=[0.5])
+    with pytest.raises(ValueError, match="one value per aux branch"):
+        run_lockstep(dens, init, sigmas, aggregation_steps=2, weights=[0.5, 0.5], sigma_table=TABLE)
+    with pytest.raises(ValueError, match="one value per branch"):
+        run_lockstep(dens, init, sigmas, deviation_steps=[0.3], **ok)
+    with pytest.raises(ValueError, match=">= 0"):
+        run_lockstep(dens, init, sigmas, aggregation_steps=-1, weights=[0.5], sigma_table=TABLE)
+    with pytest.raises(ValueError, match="unknown mean_mode"):
+        run_lockstep(dens, init, sigmas, mean_mode="posterior", **ok)
+    with pytest.raises(ValueError, match="T \\+ 1 >= 2"):
+        run_lockstep(dens, init, sigmas[:1], **ok)
