@@ -42,7 +42,7 @@ def tiny_unet_config(model_channels=TINY_MODEL_CHANNELS):
         "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
         "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": model_channels,
         "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-        "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], "channel_mult": [1, 2, 4, 4],
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "channel_mult": [1, 2, 4, 4],
         "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
         "num_heads": 8, "num_head_channels": -1, "use_temporal_resblock": False,
         "use_temporal_attention": False,
