@@ -17,12 +17,13 @@ from .schedule import (
     timestep_of_sigma,
     to_vp,
 )
-from .steps import AncestralStep, EulerStep, ancestral_sigmas
+from .steps import AncestralStep, DPMPP2MStep, EulerStep, ancestral_sigmas
 
 __all__ = [
     "AGGREGATION_MODES",
     "MEAN_MODES",
     "AncestralStep",
+    "DPMPP2MStep",
     "EulerStep",
     "LockstepResult",
     "aggregate",

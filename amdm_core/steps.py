@@ -53,3 +53,32 @@ class AncestralStep:
             + _derivative(x, denoised, sigma) * (sigma_down - sigma)
             + self.noise_sampler(sigma, sigma_next) * self.s_noise * sigma_up
         )
+
+
+class DPMPP2MStep:
+    """DPM-Solver++(2M) with per-branch history (this branch's previous D and sigma), t = -log(sigma):
+
+        h = t_next - t
+        first step or sigma_next = 0:  x_next = (sigma_next / sigma) x - expm1(-h) D
+        otherwise:  r = h_last / h,  D' = (1 + 1/(2r)) D - (1/(2r)) D_prev,
+                    x_next = (sigma_next / sigma) x - expm1(-h) D'
+
+    Written in the operation order of k-diffusion's sample_dpmpp_2m, so a single branch reproduces
+    ComfyUI's "dpmpp_2m" bit for bit. One object per branch; call it for consecutive steps only."""
+
+    def __init__(self):
+        self.previous_denoised = None
+        self.previous_sigma = None
+
+    def __call__(self, x, denoised, sigma, sigma_next):
+        t, t_next = sigma.log().neg(), sigma_next.log().neg()
+        h = t_next - t
+        ratio = t_next.neg().exp() / t.neg().exp()
+        if self.previous_denoised is None or sigma_next == 0:
+            x_next = ratio * x - (-h).expm1() * denoised
+        else:
+            r = (t - self.previous_sigma.log().neg()) / h
+            corrected = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * self.previous_denoised
+            x_next = ratio * x - (-h).expm1() * corrected
+        self.previous_denoised, self.previous_sigma = denoised, sigma
+        return x_next
