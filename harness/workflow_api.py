@@ -116,6 +116,10 @@ def check_workflow(workflow, input_types):
         for slot in node.get("inputs", []):
             if slot["name"] not in known:
                 problems.append(f"{where}: input socket {slot['name']!r} is not an input of the node")
+        linked = {slot["name"] for slot in node.get("inputs", []) if slot.get("link") is not None}
+        for name, spec in (types.get("required") or {}).items():
+            if not _is_widget(spec) and name not in linked:
+                problems.append(f"{where}: required input {name!r} is not connected")
     return problems
 
 
@@ -173,3 +177,39 @@ def ui_to_api(workflow, input_types):
         prompt[str(node_id)] = {"class_type": node["type"], "inputs": inputs,
                                 "_meta": {"title": node.get("title", node["type"])}}
     return prompt
+
+
+BOX_TEXT_WIDGETS = ("interactions", "instances")  # the pack's box text inputs (adapters/boxes.py format)
+SIZE_WIDGETS = ("width", "height")
+
+
+def _scale_box_text(text, factor):
+    def scale_field(field):
+        parts = field.split(",")
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            return field
+        return ", ".join(f"{v / factor:g}" for v in values) if len(values) == 4 else field
+
+    return "\n".join(" | ".join(scale_field(f.strip()) for f in line.split("|")) if "|" in line else line
+                     for line in text.splitlines())
+
+
+def scale_workflow(workflow, input_types, factor):
+    """A copy of a UI-format workflow for a ``factor`` times smaller image: every width/height widget
+    and every box of the box texts divided by ``factor`` (tests and the CPU demo run the shipped graphs
+    at 128 x 128 instead of 512 x 512; the boxes keep their place in the picture)."""
+    import copy
+
+    scaled = copy.deepcopy(workflow)
+    for node in scaled["nodes"]:
+        if node["type"] in NOTE_TYPES or node["type"] in ("Reroute", "PrimitiveNode"):
+            continue
+        layout = widget_layout(input_types(node["type"]))
+        for index, (name, _) in enumerate(layout):
+            if name in SIZE_WIDGETS:
+                node["widgets_values"][index] = node["widgets_values"][index] // factor
+            elif name in BOX_TEXT_WIDGETS:
+                node["widgets_values"][index] = _scale_box_text(node["widgets_values"][index], factor)
+    return scaled

@@ -100,7 +100,10 @@ class BoxEditor {
         Object.assign(bar.style, { display: "flex", gap: "3px", alignItems: "center", flexWrap: "wrap" });
         this.labelInputs = this.spec.phrases.map((name, i) => {
             const input = document.createElement("input");
-            Object.assign(input, { type: "text", placeholder: name, value: this.spec.defaults[i], title: name });
+            Object.assign(input, {
+                type: "text", placeholder: name, value: this.spec.defaults[i],
+                title: `${name} of the selected box, or of the next box you draw`,
+            });
             input.dataset.phrase = name;
             Object.assign(input.style, {
                 flex: "1 1 60px", minWidth: "40px", background: "#222", color: "#ddd",

@@ -1,0 +1,141 @@
+"""The real ComfyUI web UI in headless Chromium: a real server (main.py + comfyui-frontend-package) with
+this pack, driven by Playwright through Debian's chromium binary (``playwright install`` is never run;
+scripts/setup_browser.sh installs the browser).
+
+    with ComfyUISession(base_dir) as ui:
+        ui.load_workflow(workflow)
+        assert not ui.missing_nodes_dialog()
+
+Used by tests/test_browser.py and scripts/build_workflows.py --screenshots.
+"""
+import json
+import os
+import shutil
+import tempfile
+import time
+
+from .server import ComfyServer
+
+TINY_MODELS_NODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_models_node")
+CHROMIUM_CANDIDATES = ("/usr/lib/chromium/chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser")
+# Without the background-networking flags Chromium floods the closed network with connections.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update"]
+# First-run tutorial / templates dialog off; the settings file is what a user's profile holds.
+SETTINGS = {"Comfy.TutorialCompleted": True}
+MISSING_NODES_DIALOG = '[role="dialog"][aria-labelledby="global-missing-nodes"]'
+PACK_EXTENSION_FLAG = "window.__amdmBoxEditor && window.__amdmBoxEditor.ready"
+
+
+def chromium_path():
+    """$CHROMIUM, else Debian's chromium; a clear error when there is none."""
+    for path in filter(None, (os.environ.get("CHROMIUM"), *CHROMIUM_CANDIDATES)):
+        if os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError("no Chromium found: run scripts/setup_browser.sh (installs Debian's chromium) "
+                            "or set CHROMIUM=/path/to/chromium")
+
+
+class ComfyUISession:
+    """Server + browser page. ``base_dir/models``/``input`` are prepared by the caller beforehand.
+
+    ``console`` collects every console message and page error as (kind, text, url)."""
+
+    def __init__(self, base_dir, install_pack=True, tiny_models=True, viewport=(1600, 1000), settings=None):
+        self.base_dir = os.path.abspath(base_dir)
+        self.install_pack = install_pack
+        self.viewport = {"width": viewport[0], "height": viewport[1]}
+        self.console = []
+        self.server = None
+        os.makedirs(os.path.join(self.base_dir, "custom_nodes"), exist_ok=True)
+        if tiny_models:
+            link = os.path.join(self.base_dir, "custom_nodes", "amdm_tiny_models")
+            if not os.path.exists(link):
+                os.symlink(TINY_MODELS_NODE, link)
+        settings_file = os.path.join(self.base_dir, "user", "default", "comfy.settings.json")
+        os.makedirs(os.path.dirname(settings_file), exist_ok=True)
+        with open(settings_file, "w") as fh:
+            json.dump(dict(SETTINGS, **(settings or {})), fh)
+
+    def __enter__(self):
+        from playwright.sync_api import sync_playwright
+
+        self.server = ComfyServer(self.base_dir, install_pack=self.install_pack).start()
+        try:
+            self._playwright = sync_playwright().start()
+            self._profile = tempfile.mkdtemp(prefix="amdm_chromium_")
+            self.context = self._playwright.chromium.launch_persistent_context(
+                self._profile, executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS,
+                viewport=self.viewport)
+            self.page = self.context.pages[0] if self.context.pages else self.context.new_page()
+            self.page.on("console", lambda m: self.console.append((m.type, m.text, m.location.get("url", ""))))
+            self.page.on("pageerror", lambda e: self.console.append(("pageerror", f"{e}\n{e.stack}", "")))
+            # the "Nodes 2.0" banner would cover the top of every screenshot
+            self.page.add_init_script('localStorage.setItem("vueNodesBannerDismissed", "true")')
+            self.page.goto(self.server.url)
+            ready = "window.app && window.app.graph" + (f" && {PACK_EXTENSION_FLAG}" if self.install_pack else "")
+            self.page.wait_for_function(ready, timeout=90_000)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        if getattr(self, "context", None):
+            self.context.close()
+            self.context = None
+        if getattr(self, "_playwright", None):
+            self._playwright.stop()
+            self._playwright = None
+            shutil.rmtree(self._profile, ignore_errors=True)
+        if self.server:
+            self.server.stop()
+
+    def load_workflow(self, workflow, fit=False, settle_ms=1500):
+        """app.loadGraphData(workflow) in a new tab, then wait ``settle_ms`` (the missing-nodes dialog
+        appears ~0.3 s after loading). ``fit`` zooms the canvas to show every node and group."""
+        self.page.evaluate("async (w) => { await window.app.loadGraphData(w); }", workflow)
+        if fit:
+            self.page.evaluate(_FIT_VIEW_JS)
+        self.page.wait_for_timeout(settle_ms)
+
+    def missing_nodes_dialog(self):
+        return self.page.locator(MISSING_NODES_DIALOG).count() > 0
+
+    def close_dialogs(self):
+        self.page.keyboard.press("Escape")
+        self.page.wait_for_timeout(300)
+
+    def errors(self, marker):
+        """Console errors / page errors whose text or source contains ``marker``."""
+        return [(kind, text, url) for kind, text, url in self.console
+                if kind in ("error", "pageerror") and (marker in text or marker in url)]
+
+    def wait_for_history(self, timeout=300):
+        """The first finished /history entry (polls the server); raises on an error status."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.server.get("/history")
+            for prompt_id, entry in history.items():
+                status = entry.get("status", {})
+                if status.get("completed") is not None or status.get("status_str") == "error":
+                    if status.get("status_str") == "error":
+                        raise RuntimeError(f"prompt {prompt_id} failed: {json.dumps(status)[:3000]}")
+                    return prompt_id, entry
+            time.sleep(0.5)
+        raise TimeoutError(f"no prompt finished within {timeout}s:\n{self.server.log()}")
+
+
+# Scale and offset the canvas so that every node and group is on screen.
+_FIT_VIEW_JS = """() => {
+    const canvas = window.app.canvas, graph = window.app.graph;
+    const boxes = graph.nodes.map(n => [n.pos[0], n.pos[1] - 30, n.pos[0] + n.size[0], n.pos[1] + n.size[1]])
+        .concat((graph.groups || []).map(g => [g.pos[0], g.pos[1], g.pos[0] + g.size[0], g.pos[1] + g.size[1]]));
+    const x0 = Math.min(...boxes.map(b => b[0])), y0 = Math.min(...boxes.map(b => b[1]));
+    const x1 = Math.max(...boxes.map(b => b[2])), y1 = Math.max(...boxes.map(b => b[3]));
+    const el = canvas.canvas, margin = 16, left = 64, top = 40;
+    const scale = Math.min((el.clientWidth - left - margin) / (x1 - x0), (el.clientHeight - top - margin) / (y1 - y0));
+    canvas.ds.scale = scale;
+    canvas.ds.offset = [left / scale - x0, top / scale - y0];
+    canvas.setDirty(true, true);
+}"""
