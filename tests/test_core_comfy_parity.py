@@ -1,10 +1,11 @@
 """amdm_core against the real ComfyUI it is built for: the SD1.5 sigma table and ddim_uniform schedule
 of a real SD1.5 model_sampling, its timestep lookup, and k-diffusion's own Euler / Euler-ancestral
-samplers (a single branch of run_lockstep must reproduce them bit for bit)."""
+/ DPM++ 2M samplers (a single branch of run_lockstep must reproduce them bit for bit)."""
 import torch
 
 from amdm_core import (
     AncestralStep,
+    DPMPP2MStep,
     ddim_uniform_sigmas,
     scaled_linear_sigma_table,
     run_lockstep,
@@ -75,3 +76,20 @@ def test_one_branch_reproduces_comfyui_euler_and_ancestral_bit_for_bit(tiny_mode
     ours = run_lockstep([denoise], [x], sigmas, aggregation_steps=0, weights=[],
                         make_step=lambda k: AncestralStep(noise_sampler(5)))
     assert torch.equal(ours.x, expected)
+
+
+def test_one_branch_reproduces_comfyui_dpmpp_2m_and_keeps_history_per_branch(tiny_model):
+    import comfy.k_diffusion.sampling as kd
+    import comfy.samplers
+
+    model_sampling = tiny_model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, "karras", 12).float()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * sigmas[0]
+    denoise = toy_denoiser(2)
+    expected = kd.sample_dpmpp_2m(_KDiffusionModel(denoise, model_sampling), x.clone(), sigmas, disable=True)
+    ours = run_lockstep([denoise], [x], sigmas, aggregation_steps=0, weights=[], make_step=lambda k: DPMPP2MStep())
+    assert torch.equal(ours.x, expected)
+    # with an aux branch at weight 0 and p = 0 the main branch's history is its own: still identical
+    joint = run_lockstep([denoise, toy_denoiser(3)], [x, x.flip(0)], sigmas, aggregation_steps=6, weights=[0.0],
+                         deviation_steps=0.0, sigma_table=model_sampling.sigmas, make_step=lambda k: DPMPP2MStep())
+    assert torch.equal(joint.x, expected)
