@@ -7,8 +7,6 @@ block number after it and the ``migc`` path element; whatever lies between is ig
 become ComfyUI block keys: ("input", i), ("middle", 0), ("output", i).
 """
 import os
-import pickle
-import zipfile
 
 import torch
 from torch import nn
@@ -51,8 +49,11 @@ def _fail(path, problem):
 def _read(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception as err:  # torch raises many types for damaged or foreign files; all mean "unreadable"
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        # torch's weights_only message starts with generic advice; the specific cause is a later line
+        reason = next((line for line in lines if "Unsupported" in line or "error" in line.lower()),
+                      lines[0] if lines else type(err).__name__)
         _fail(path, f"it cannot be read as a PyTorch checkpoint holding only tensors (torch.load with "
                     f"weights_only=True failed: {reason})")
 
