@@ -224,7 +224,7 @@ def test_position_boxes_and_fourier_features_by_hand(patch_mod, pack_module):
 
 def test_schedule_step_index_and_rows(patch_mod):
     schedule = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0])
-    assert [patch_mod.step_index(s, schedule) for s in (10.0, 5.0, 3.0, 2.0, 1.0)] == [0, 1, 1, 2, 3]
+    assert [patch_mod.step_index(s, schedule) for s in (12.0, 10.0, 5.0, 3.0, 2.0, 1.0)] == [0, 0, 1, 1, 2, 3]
     # MIGC's rule: MIGC while step <= MIGCsteps, then NaiveFuser while step <= NaiveFuserSteps
     modes = [patch_mod.fusion_mode(step, 2, migc_steps=1, naive_fuser_steps=3) for step in range(5)]
     assert modes == ["migc", "migc", "naive", "naive", None]

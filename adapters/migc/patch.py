@@ -50,9 +50,10 @@ def box_masks(boxes, width, height):
 
 def step_index(sigma, sample_sigmas):
     """Index i of the sampling step that sigma belongs to: the number of schedule sigmas >= sigma,
-    minus one (a sigma between sigma_i and sigma_{i+1}, as multistage samplers use, counts as step i)."""
+    minus one (a sigma between sigma_i and sigma_{i+1}, as multistage samplers use, counts as step i;
+    one above sigma_0 counts as step 0)."""
     schedule = sample_sigmas.to(torch.float64).flatten()
-    return int((schedule >= float(sigma) * (1 - 1e-5)).sum().item()) - 1
+    return max(0, int((schedule >= float(sigma) * (1 - 1e-5)).sum().item()) - 1)
 
 
 def fusion_mode(step, instance_count, migc_steps, naive_fuser_steps):
