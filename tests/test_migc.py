@@ -381,6 +381,16 @@ def test_model_level_errors(tiny_model, migc, migc_files, patch_mod, tmp_path, p
                                             torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(patch_mod.MIGCApplyError, match="expects 64 channels.*has 128 channels"):
         patch_mod.patch_model(tiny_model, wide, contexts, pooled, [(0, 0, 64, 64)], WIDTH, HEIGHT, 5, -1)
+    # another adapter replacing attn2 on a MIGC block after MIGC Apply: the run stops instead of silently
+    # dropping MIGC there
+    overridden = patched.clone()
+    overridden.set_model_attn2_replace(lambda q, k, v, extra: q, "output", 4)
+    with pytest.raises(patch_mod.MIGCApplyError, match=r"block \('output', 4\) did not run"):
+        call_unet(overridden, torch.randn(2, 4, 16, 16), 0, _contexts(17, 2), [1, 0])
+    # a model call without the sampler's schedule cannot count steps
+    with pytest.raises(patch_mod.MIGCApplyError, match="sampling schedule"):
+        patched.model.apply_model(torch.randn(1, 4, 16, 16), SCHEDULE[:1], c_crossattn=_contexts(17, 1),
+                                  transformer_options=patched.model_options["transformer_options"])
     # the latent does not match width/height: a clear error at the first MIGC step
     x = torch.randn(2, 4, 8, 8)
     with pytest.raises(patch_mod.MIGCApplyError, match="set for a 128x128 image.*latent is 8x8"):

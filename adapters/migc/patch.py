@@ -113,12 +113,12 @@ class MIGCPatch:
         return n, context, value
 
     def _mode(self, extra_options):
-        sample_sigmas = extra_options.get("sample_sigmas")
-        if sample_sigmas is None:
+        sample_sigmas, sigmas = extra_options.get("sample_sigmas"), extra_options.get("sigmas")
+        if sample_sigmas is None or sigmas is None:
             raise MIGCApplyError(
-                "MIGC needs the sampling schedule to count steps (transformer_options['sample_sigmas'], set "
-                "by ComfyUI's samplers); this model was called outside a sampler that provides it")
-        step = step_index(extra_options["sigmas"].max(), sample_sigmas)
+                "MIGC needs the sampling schedule to count steps (transformer_options 'sample_sigmas' and "
+                "'sigmas', set by ComfyUI's samplers); this model was called outside a sampler that provides them")
+        step = step_index(sigmas.max(), sample_sigmas)
         return step, fusion_mode(step, len(self.phrase_contexts), self.migc_steps, self.naive_fuser_steps)
 
     def _check_latent(self, extra_options):
@@ -136,8 +136,9 @@ class MIGCPatch:
         tokens = extra_options.pop(_TOKENS, None)
         heads = extra_options["n_heads"]
 
-        def attend(q_, k_, v_):
-            return comfy_attention.optimized_attention(q_, k_, v_, heads, attn_precision=extra_options.get("attn_precision"),
+        def attend(q_, k_, v_):  # exactly what the block's CrossAttention would call
+            return comfy_attention.optimized_attention(q_, k_, v_, heads,
+                                                       attn_precision=extra_options.get("attn_precision"),
                                                        transformer_options=extra_options)
 
         out = attend(q, k, v)
@@ -173,8 +174,8 @@ class MIGCPatch:
         if _TOKENS in extra_options:
             raise MIGCApplyError(
                 f"MIGC's attention replacement on block {extra_options['block']} did not run: a patch applied "
-                f"after MIGC Apply (another adapter replacing attn2 there) took its place; apply that adapter "
-                f"to a separate model branch, or before MIGC Apply")
+                f"after MIGC Apply (another adapter replacing attn2 there) took its place; put that adapter on "
+                f"a separate model branch")
         fused = extra_options.pop(_FUSED, None)
         if fused is None:
             return out
