@@ -125,7 +125,8 @@ class IPAdapter:
     @torch.no_grad()
     def image_tokens(self, clip_features):
         """[N, E] embeddings (or [N, L, H] hidden states for plus) -> [N, T, 768] context tokens."""
-        return self.image_proj(clip_features.float())
+        device = next(self.image_proj.parameters()).device  # features may come from the GPU (--gpu-only)
+        return self.image_proj(clip_features.to(device, torch.float32))
 
     @torch.no_grad()
     def block_keys_values(self, block, tokens):
@@ -145,7 +146,8 @@ def flatten_state_dict(sd):
 
 
 def _describe_foreign_layout(proj_keys, adapter_keys, context_width, indices):
-    """What a file that is not a supported SD1.5 layout looks like, in words."""
+    """What a file that is not a supported SD1.5 layout looks like, in words (keys without their
+    image_proj. / ip_adapter. prefix)."""
     found = []
     if any("lora" in k for k in adapter_keys):
         found.append("LoRA weights in ip_adapter.* (a FaceID adapter)")
@@ -157,7 +159,7 @@ def _describe_foreign_layout(proj_keys, adapter_keys, context_width, indices):
     if context_width is not None and context_width != CROSS_ATTENTION_DIM:
         family = families.get(context_width, "not SD1.x")
         found.append(f"cross-attention context width {context_width} ({family}; SD1.5 uses 768)")
-    if indices and sorted(indices) != sorted(SD15_BLOCK_OF_INDEX):
+    if indices and indices != sorted(SD15_BLOCK_OF_INDEX):
         found.append(f"{len(indices)} IP attention layers numbered {min(indices)}..{max(indices)} "
                      f"(SD1.5 has 16: 1, 3, ..., 31)")
     return found
@@ -231,8 +233,9 @@ def ipadapter_from_state_dict(sd, source):
     try:
         image_proj.load_state_dict({k: v.float() for k, v in proj.items()})
     except RuntimeError as error:
-        raise IPAdapterLayoutError(f"IP-Adapter file '{source}': image_proj does not match the "
-                                   f"{'Resampler' if proj_is_resampler else 'image projection'} layout: {error}") from None
+        kind = "Resampler" if proj_is_resampler else "image projection"
+        raise IPAdapterLayoutError(f"IP-Adapter file '{source}': image_proj does not match the {kind} "
+                                   f"layout: {error}") from None
     image_proj.eval()
     token_width = image_proj.norm_out.normalized_shape[0] if proj_is_resampler else image_proj.dim
     if token_width != CROSS_ATTENTION_DIM:

@@ -136,7 +136,8 @@ def image_features(adapter, clip_vision, image):
         raise IPAdapterApplyError(
             f"IP-Adapter '{adapter.source}' ({adapter.kind}) needs CLIP vision {what} of width "
             f"{adapter.input_width}; the connected CLIP vision model gives {positive.shape[-1]}. "
-            f"SD1.5 IP-Adapters use ViT-H: {REAL_CLIP_VISION} in models/clip_vision.")
+            f"SD1.5 IP-Adapters use ViT-H: {REAL_CLIP_VISION} in models/clip_vision (1024-wide embeddings, "
+            f"1280-wide hidden states); only ip-adapter_sd15_vit-G needs ViT-bigG.")
     if adapter.plus:  # one zero image per reference image, like the reference's zeros_like(clip_image)
         negative = _zero_pixels_penultimate(clip_vision).expand(positive.shape[0], -1, -1)
     else:
