@@ -1,6 +1,5 @@
 """MIGC in real graphs: the Loader/Apply nodes with KSampler (ComfyUI's executor), cfg 1, node-level input
-errors. A spy on MIGC.forward
-counts the fusion runs (and their batch rows) so each test asserts that MIGC really ran."""
+errors. A spy on MIGC.forward counts the fusion runs (and their batch rows), so each test asserts that MIGC really ran."""
 import os
 
 import pytest
@@ -49,34 +48,39 @@ def _apply(pack_module, checkpoint, migc_file, migc_steps, naive_fuser_steps=-1,
     return nodes.MIGCApply().apply(model, clip, migc, instances, 128, 128, migc_steps, naive_fuser_steps)[0]
 
 
+@pytest.fixture(scope="module")
+def patched(pack_module, checkpoint, migc_file):
+    """The tiny checkpoint's model with MIGC (2 instances) active on steps 0 and 1."""
+    return _apply(pack_module, checkpoint, migc_file, migc_steps=1)
+
+
 def test_graph_with_ksampler_batch_two_and_cfg(run_graph, tiny_checkpoint, migc_file, migc_runs):
     graph = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint}},
         "2": {"class_type": "MIGCLoader", "inputs": {"migc_name": migc_file}},
         "3": {"class_type": "MIGCApply", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "migc": ["2", 0], "instances": INSTANCES, "width": 128,
-            "height": 128, "migc_steps": 1, "naive_fuser_steps": 2}},
+            "height": 128, "migc_steps": 0, "naive_fuser_steps": 1}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a red apple and a green pear"}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
         "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 2}},
         "7": {"class_type": "KSampler", "inputs": {
             "model": ["3", 0], "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0], "seed": 3,
-            "steps": 3, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+            "steps": 2, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
         "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
     }
     outputs, _executor = run_graph(graph)
     assert len(outputs["9"]["images"]) == 2
-    # steps 0 and 1 (migc_steps = 1) on the 4 MIGC blocks, both images' cond rows in one run
-    assert migc_runs == [(2, 2)] * 8
+    # step 0 (migc_steps = 0) on the 4 MIGC blocks, both images' cond rows in one run
+    assert migc_runs == [(2, 2)] * 4
 
 
-def test_ksampler_cfg_one_skips_uncond(comfy, pack_module, checkpoint, migc_file, encoded, migc_runs):
-    patched = _apply(pack_module, checkpoint, migc_file, migc_steps=0)
+def test_ksampler_cfg_one_skips_uncond(comfy, patched, encoded, migc_runs):
     positive, negative = encoded
     latent = {"samples": torch.zeros(1, 4, 16, 16)}
     out = comfy.KSampler().sample(patched, 5, 2, 1.0, "euler", "normal", positive, negative, latent)[0]["samples"]
-    assert migc_runs == [(1, 2)] * 4  # step 0 only, on the 4 blocks, one cond row and no uncond row
+    assert migc_runs == [(1, 2)] * 8  # steps 0 and 1 on the 4 blocks, one cond row and no uncond row
     assert torch.isfinite(out).all()
 
 
