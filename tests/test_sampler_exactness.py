@@ -1,0 +1,255 @@
+"""AMDM Aggregate Sampler / AMDM Guider against the real ComfyUI samplers (tiny models, CPU).
+
+1. s = 0, or every weight 0 with p = 0: bit-identical to KSampler (ddim, euler, euler_ancestral, dpmpp_2m).
+2. Two and three branches against `spec_amdm` below, a float64 transcription of spec section 3 written
+   for this test (DDIM in VP form, its own slerp, timestep lookup and posterior mean), calling the same
+   ComfyUI guiders: max abs difference <= 1e-5.
+3. Model calls counted with a model wrapper: exactly T + (N - 1)(s + 1).
+"""
+import math
+
+import pytest
+import torch
+
+STEPS = 5  # ddim_uniform gives exactly 5 steps for 5 (1000 // 5 = 200)
+SIZE = 8
+
+
+def tame(patcher):
+    """A clone whose x0 estimate is halved: sampled with the random tiny UNet alone, latents end at ~8 std,
+    with it at ~1 like real SD1.5 latents, where an absolute tolerance of 1e-5 means what it says."""
+    clone = patcher.clone()
+
+    def scaled(apply_model, args):
+        return apply_model(args["input"], args["timestep"], **args["c"]) * 0.5
+
+    clone.set_model_unet_function_wrapper(scaled)
+    return clone
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model):
+    """main: the tiny UNet; same: a clone of it (shares the UNet); other: a second UNet with other weights."""
+    from harness import tiny_models
+
+    return {"main": tiny_model, "same": tiny_model.clone(), "other": tiny_models.tiny_model_patcher(seed=1)}
+
+
+@pytest.fixture(scope="module")
+def conds():
+    gen = torch.Generator().manual_seed(7)
+    return [[[torch.randn(1, 77, 768, generator=gen), {}]] for _ in range(8)]
+
+
+def empty_latent(batch=1):
+    return {"samples": torch.zeros(batch, 4, SIZE, SIZE)}
+
+
+def ksampler(comfy, model, positive, negative, latent, seed=3, steps=STEPS, cfg=7.5, sampler="ddim",
+             scheduler="ddim_uniform", denoise=1.0):
+    return comfy.KSampler().sample(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent,
+                                   denoise=denoise)[0]["samples"]
+
+
+def amdm(pack, main, aux, latent, seed=3, steps=STEPS, cfg=7.5, sampler="ddim", scheduler="ddim_uniform",
+         denoise=1.0, s=4, weights=None, aggregation="paper", p=0.3, mean_mode="reference", noise="independent"):
+    """Run the AMDM Aggregate Sampler node. main = (model, positive, negative); aux = [(model, pos, neg, cfg)]."""
+    weights = weights or [0.5, 0.6, 0.5][:len(aux)]
+    optional = {}
+    for k, ((model, positive, negative, aux_cfg), weight) in enumerate(zip(aux[1:], weights[1:]), start=3):
+        optional.update({f"model_{k}": model, f"positive_{k}": positive, f"negative_{k}": negative,
+                         f"cfg_{k}": aux_cfg, f"weight_{k}": weight})
+    (model_2, positive_2, negative_2, cfg_2) = aux[0]
+    node = pack.NODE_CLASS_MAPPINGS["AMDMAggregateSampler"]()
+    out, aux_out = node.sample(main[0], main[1], main[2], model_2, positive_2, negative_2, latent, seed, steps, cfg,
+                               cfg_2, sampler, scheduler, denoise, weights[0], s, aggregation, p, mean_mode, noise,
+                               **optional)
+    return out["samples"], aux_out["samples"]
+
+
+# --- 1. bit-identity with KSampler --------------------------------------------------------------------
+
+SAMPLERS = [("ddim", "ddim_uniform"), ("euler", "normal"), ("euler_ancestral", "karras"), ("dpmpp_2m", "karras")]
+
+
+@pytest.mark.parametrize("sampler,scheduler", SAMPLERS)
+def test_s0_and_zero_weights_with_p0_are_bit_identical_to_ksampler(comfy, pack, models, conds, sampler, scheduler):
+    main = (models["main"], conds[0], conds[1])
+    reference = ksampler(comfy, *main, empty_latent(), sampler=sampler, scheduler=scheduler)
+    aux = [(models["same"], conds[2], conds[3], 5.0), (models["other"], conds[4], conds[5], 7.5)]
+
+    no_window, aux_x0 = amdm(pack, main, aux, empty_latent(), sampler=sampler, scheduler=scheduler, s=0)
+    assert torch.equal(no_window, reference), f"{sampler}: s = 0 differs from KSampler"
+    assert aux_x0.shape[0] == 2 and torch.isfinite(aux_x0).all(), "the aux branches did not run step 0"
+
+    silent = amdm(pack, main, aux, empty_latent(), sampler=sampler, scheduler=scheduler, s=4, weights=[0.0, 0.0],
+                  aggregation="sequential", p=0.0)[0]
+    assert torch.equal(silent, reference), f"{sampler}: weights 0 and p = 0 differ from KSampler"
+
+    merged = amdm(pack, main, aux, empty_latent(), sampler=sampler, scheduler=scheduler, s=3)[0]
+    assert (merged - reference).abs().max() > 1e-3, "with default weights the aux branches had no effect"
+
+
+@pytest.mark.parametrize("sampler,scheduler", [("ddim", "ddim_uniform"), ("euler_ancestral", "normal")])
+def test_bit_identity_holds_for_batches_img2img_and_denoise(comfy, pack, models, conds, sampler, scheduler):
+    gen = torch.Generator().manual_seed(11)
+    image_latent = {"samples": torch.randn(2, 4, SIZE, SIZE, generator=gen)}
+    main = (models["main"], conds[0], conds[1])
+    reference = ksampler(comfy, *main, image_latent, seed=5, sampler=sampler, scheduler=scheduler, denoise=0.6)
+    aux = [(models["other"], conds[2], conds[3], 7.5)]
+    got = amdm(pack, main, aux, image_latent, seed=5, sampler=sampler, scheduler=scheduler, denoise=0.6, s=0)[0]
+    assert torch.equal(got, reference)
+
+
+# --- 2. against a transcription of the spec ------------------------------------------------------------
+
+def prepared_denoiser(guider, noise, seed):
+    """D(x, sigma) of a stock guider, set up by hand the way CFGGuider.sample does before its sampler runs."""
+    import comfy.model_management
+    import comfy.samplers
+
+    patcher = guider.model_patcher
+    comfy.model_management.load_models_gpu([patcher])
+    guider.inner_model = patcher.model
+    conds = {k: [c.copy() for c in v] for k, v in guider.original_conds.items()}
+    guider.conds = comfy.samplers.process_conds(patcher.model, noise, conds, patcher.load_device,
+                                                torch.zeros_like(noise), None, seed)
+
+    def denoise(x, sigma):
+        comfy.model_management.load_models_gpu([patcher])  # this branch's own patches live
+        patcher.pre_run()
+        try:
+            return guider(x.float(), torch.full((x.shape[0],), float(sigma)), model_options=guider.model_options,
+                          seed=seed).double()
+        finally:
+            patcher.cleanup()
+
+    return denoise
+
+
+def spec_slerp(a, b, w):
+    """slerp per batch item in float64 (spec section 4), with the spec's near-parallel fallback."""
+    out = []
+    for ai, bi in zip(a, b):
+        cos = float((ai * bi).sum() / (ai.norm() * bi.norm()))
+        cos = min(1.0, max(-1.0, cos))
+        if 1 - abs(cos) < 1e-6:
+            out.append((1 - w) * ai + w * bi)
+            continue
+        theta = math.acos(cos)
+        out.append(math.sin((1 - w) * theta) / math.sin(theta) * ai + math.sin(w * theta) / math.sin(theta) * bi)
+    return torch.stack(out)
+
+
+def spec_aggregate(ys, weights, mode):
+    if mode == "paper" and len(ys) == 3:
+        return spec_slerp(spec_slerp(ys[1], ys[0], weights[0]), spec_slerp(ys[0], ys[2], weights[1]), weights[1])
+    merged = ys[0]
+    for y, w in zip(ys[1:], weights):
+        merged = spec_slerp(merged, y, w)
+    return merged
+
+
+def spec_amdm(denoisers, noises, sigmas, s, weights, mode, p, mean_mode, table):
+    """Spec section 3 in float64; DDIM(eta 0) written in VP form; returns the main branch's final x."""
+    sig = [float(v) for v in sigmas]
+    tab = table.double()
+    abar = lambda sigma: 1.0 / (1.0 + sigma**2)  # noqa: E731
+    n = len(denoisers)
+    x = [noise.double() * sig[0] for noise in noises]  # ddim_uniform starts below sigma_max: x = sigma_0 * noise
+    prev_eps = [None] * n
+    for i in range(len(sig) - 1):
+        active = range(n) if i <= s else [0]
+        y, eps = list(x), list(prev_eps)
+        a_next = abar(sig[i + 1])
+        for k in active:
+            d = denoisers[k](x[k], sig[i])
+            eps[k] = (x[k] - d) / sig[i]
+            y[k] = (math.sqrt(a_next) * d + math.sqrt(1 - a_next) * eps[k]) / math.sqrt(a_next)
+        if 1 <= i <= s:
+            xbar_vp = spec_aggregate(y, weights, mode) * math.sqrt(a_next)
+            tau = int((tab.log() - math.log(sig[i - 1])).abs().argmin())
+            abar_tau = float(1 / (1 + tab[tau] ** 2))
+            alpha_tau = abar_tau / (float(1 / (1 + tab[tau - 1] ** 2)) if tau > 0 else 1.0)
+            for k in range(n):
+                if mean_mode == "reference":
+                    x_vp = x[k] * math.sqrt(abar(sig[i]))
+                    mu = (x_vp - (1 - alpha_tau) / math.sqrt(1 - abar_tau) * prev_eps[k]) / math.sqrt(alpha_tau)
+                else:
+                    mu = y[k] * math.sqrt(a_next)
+                diff = (xbar_vp - mu).flatten(1)
+                step = diff / diff.norm(dim=1, keepdim=True)
+                y[k] = (xbar_vp - p * step.reshape(xbar_vp.shape)) / math.sqrt(a_next)
+        for k in active:
+            x[k], prev_eps[k] = y[k], eps[k]
+    return x[0]
+
+
+CASES = [  # (branches, aggregation, mean_mode, weights, p)
+    (2, "paper", "reference", [0.5], 0.3),
+    (3, "paper", "reference", [0.5, 0.6], 0.3),
+    (3, "sequential", "exact", [0.4, 0.3], 0.5),
+]
+
+
+@pytest.mark.parametrize("branches,aggregation,mean_mode,weights,p", CASES)
+def test_matches_a_transcription_of_the_spec_loop(comfy, pack, models, conds, branches, aggregation, mean_mode,
+                                                  weights, p):
+    from comfy import sample as comfy_sample
+    from comfy import samplers as comfy_samplers
+
+    seed, s = 4, 3
+    specs = [(tame(models["main"]), conds[0], conds[1], 7.5), (tame(models["same"]), conds[2], conds[3], 6.0),
+             (tame(models["other"]), conds[4], conds[5], 8.0)][:branches]
+    with torch.no_grad():
+        got = amdm(pack, specs[0][:3], specs[1:], empty_latent(), seed=seed, s=s, weights=weights,
+                   aggregation=aggregation, p=p, mean_mode=mean_mode)[0]
+
+    model_sampling = models["main"].get_model_object("model_sampling")
+    sigmas = comfy_samplers.calculate_sigmas(model_sampling, "ddim_uniform", STEPS)
+    assert len(sigmas) == STEPS + 1 and float(sigmas[0]) < float(model_sampling.sigma_max)
+    noises = [comfy_sample.prepare_noise(torch.zeros(1, 4, SIZE, SIZE), seed + k) for k in range(branches)]
+    denoisers = []
+    for k, (model, positive, negative, cfg) in enumerate(specs):
+        guider = comfy_samplers.CFGGuider(model)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        denoisers.append(prepared_denoiser(guider, noises[k], seed + k))
+    with torch.no_grad():
+        expected = spec_amdm(denoisers, noises, sigmas, s, weights, aggregation, p, mean_mode, model_sampling.sigmas)
+    # Compared in the model's latent space (LATENT * 0.18215), where real SD1.5 latents are of order 1.
+    got = models["main"].model.process_latent_in(got).double()
+    difference = float((got - expected).abs().max())
+    assert difference <= 1e-5, f"max abs difference {difference:.3g} from the spec transcription"
+    assert 0.1 < float(expected.abs().max()) < 20, "the comparison is not at the scale of real latents"
+    with torch.no_grad():
+        solo = models["main"].model.process_latent_in(ksampler(comfy, *specs[0][:3], empty_latent(), seed=seed))
+    assert (got - solo).abs().max() > 1e-2, "the aggregation had no visible effect"
+
+
+# --- 3. model calls ----------------------------------------------------------------------------------
+
+def counting(patcher, calls, name):
+    """A clone of patcher whose UNet calls are counted (one per cond+uncond batch, checked)."""
+    clone = patcher.clone()
+
+    def wrapper(apply_model, args):
+        assert args["input"].shape[0] == 2, "cond and uncond were not batched into one call"
+        calls.append(name)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    clone.set_model_unet_function_wrapper(wrapper)
+    return clone
+
+
+@pytest.mark.parametrize("branches,s", [(2, 0), (2, 4), (3, 3), (3, 7)])
+def test_model_calls_are_T_plus_aux_times_window(pack, models, conds, branches, s):
+    calls = []
+    main = (counting(models["main"], calls, "main"), conds[0], conds[1])
+    aux = [(counting(models["same"], calls, "b2"), conds[2], conds[3], 7.5),
+           (counting(models["other"], calls, "b3"), conds[4], conds[5], 7.5)][:branches - 1]
+    amdm(pack, main, aux, empty_latent(), s=s, weights=[0.5, 0.6][:branches - 1])
+    assert len(calls) == STEPS + (branches - 1) * (s + 1)
+    assert calls.count("main") == STEPS
+    for name in ("b2", "b3")[:branches - 1]:
+        assert calls.count(name) == s + 1
