@@ -1,5 +1,6 @@
 """MIGC in real graphs: the Loader/Apply nodes with KSampler (ComfyUI's executor), cfg 1, node-level input
-errors. A spy on MIGC.forward counts the fusion runs (and their batch rows), so each test asserts that MIGC really ran."""
+errors, and MIGC as the main and as the aux branch of the AMDM Aggregate Sampler. A spy on MIGC.forward
+counts the fusion runs (and their batch rows), so each test asserts that MIGC really ran."""
 import os
 
 import pytest
@@ -97,3 +98,23 @@ def test_apply_node_input_errors(pack_module, checkpoint, migc_file):
         with pytest.raises(boxes.BoxFormatError, match=problem):
             _apply(pack_module, checkpoint, migc_file, 5, instances=text)
     assert "patches_replace" not in checkpoint[0].model_options["transformer_options"]
+
+
+def test_main_and_aux_branch_of_the_amdm_sampler(pack, patched, checkpoint, encoded, migc_runs):
+    sampler = pack.NODE_CLASS_MAPPINGS["AMDMAggregateSampler"]()
+    plain = checkpoint[0]
+    positive, negative = encoded
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+
+    def run(main, aux):
+        return sampler.sample(main, positive, negative, aux, positive, negative, latent, seed=2, steps=3, cfg=4.0,
+                              cfg_2=4.0, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0, weight_2=0.5,
+                              aggregation_steps=1, aggregation="paper", deviation_step=0.3, mean_mode="reference",
+                              noise="independent")[0]["samples"]
+
+    as_aux = run(plain, patched)  # aux: steps 0..s (s = 1), MIGC on both
+    assert migc_runs == [(1, 2)] * 8
+    migc_runs.clear()
+    as_main = run(patched, plain)  # main: all 3 steps, MIGC on steps 0 and 1
+    assert migc_runs == [(1, 2)] * 8
+    assert torch.isfinite(as_aux).all() and torch.isfinite(as_main).all() and (as_aux - as_main).abs().max() > 1e-4
