@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 
 import comfy.model_sampling
+import comfy.samplers
 import torch
 
 from ..amdm_core import AGGREGATION_MODES, MEAN_MODES
@@ -60,8 +61,6 @@ def _describe_format(latent_format):
 
 
 def check_guider(guider, index):
-    import comfy.samplers
-
     if not isinstance(guider, comfy.samplers.CFGGuider):
         raise AMDMInputError(f"{branch_name(index)} is not a GUIDER (got {type(guider).__name__})")
     if getattr(guider, "is_amdm_guider", False):
@@ -70,11 +69,21 @@ def check_guider(guider, index):
         raise AMDMInputError(f"{branch_name(index)}'s guider has no conditioning set")
 
 
+def _prediction_type(sampling):
+    """EPS, V_PREDICTION, CONST ...: the first prediction class (a comfy.model_sampling class that is not a
+    schedule module) in the MRO. ComfyUI builds a fresh class per model and per ModelSampling* node, so the
+    class itself cannot be compared."""
+    for cls in type(sampling).__mro__:
+        if cls.__module__ == comfy.model_sampling.__name__ and not issubclass(cls, torch.nn.Module):
+            return cls.__name__
+    return type(sampling).__name__
+
+
 def check_model_sampling(patcher, index):
     """AMDM's deviation step lives in VP space: the branch must be an eps/v-prediction model in sigma space
     (x = x0 + sigma * eps, sigma_data 1) with a discrete sigma table."""
     sampling = patcher.get_model_object("model_sampling")
-    kind = _sampling_kind(sampling)
+    kind = _prediction_type(sampling)
     if isinstance(sampling, comfy.model_sampling.CONST) or not isinstance(sampling, comfy.model_sampling.EPS):
         raise AMDMInputError(
             f"{branch_name(index)}'s model samples as {kind} (a flow / non-VP parameterisation); AMDM's "
@@ -84,14 +93,6 @@ def check_model_sampling(patcher, index):
             f"{branch_name(index)}'s model sampling ({kind}) has no discrete VP sigma table with sigma_data 1; "
             "AMDM needs one (SD1.x, SD2.x, SDXL)")
     return sampling
-
-
-def _sampling_kind(sampling):
-    """The parameterisation of a model_sampling object: ComfyUI builds one class per model from
-    (schedule class, prediction class), so compare those bases, not the class itself."""
-    cls = type(sampling)
-    bases = cls.__bases__ if cls.__name__ == "ModelSampling" else (cls,)
-    return " + ".join(base.__name__ for base in bases)
 
 
 def check_compatible(patchers):
@@ -106,11 +107,10 @@ def check_compatible(patchers):
                 f"{branch_name(index)} uses latent format {_describe_format(latent_format)}, the main branch "
                 f"{_describe_format(main_format)}; all AMDM branches must be models of one family (one latent space)")
         sampling = check_model_sampling(patcher, index)
-        if _sampling_kind(sampling) != _sampling_kind(main_sampling):
+        if _prediction_type(sampling) != _prediction_type(main_sampling):
             raise AMDMInputError(
-                f"{branch_name(index)}'s model samples as {_sampling_kind(sampling)}, the main branch as "
-                f"{_sampling_kind(main_sampling)}; all branches need the same schedule type and prediction type "
-                "(eps / v-prediction)")
+                f"{branch_name(index)}'s model predicts {_prediction_type(sampling)}, the main branch "
+                f"{_prediction_type(main_sampling)}; all branches need the same prediction type (eps / v-prediction)")
         table, main_table = sampling.sigmas.detach().cpu(), main_sampling.sigmas.detach().cpu()
         if table.shape != main_table.shape or not torch.equal(table, main_table):
             raise AMDMInputError(
