@@ -455,26 +455,36 @@ def test_fuser_runs_in_all_16_blocks_with_null_objects_for_uncond(ids, comfy, ch
 
 
 def test_fuser_stops_after_beta_of_the_sampling(ids, comfy, checkpoint, encoded, grounded):
-    from comfy.samplers import calculate_sigmas
-
     model = checkpoint[0]
-    steps, beta = 4, 0.5
-    recorded = model.clone()
-    calls_per_pass = []
-    with FuserCalls(ids.model.GatedSelfAttentionFuser) as fusers:
-        def count(apply_model, args):
-            before = len(fusers.calls)
-            result = apply_model(args["input"], args["timestep"], **args["c"])
-            calls_per_pass.append((float(args["timestep"][0]), len(fusers.calls) - before))
-            return result
-        recorded.set_model_unet_function_wrapper(count)
-        ksample(comfy, recorded, regrounded(grounded, beta=beta), encoded[1], steps=steps, cfg=1.0)  # cond pass only
-    schedule = calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps).tolist()
-    active_steps = int(beta * steps)  # the reference pipeline: fuser on for the first int(beta * steps) steps
-    assert len(calls_per_pass) == steps
-    for sigma, calls in calls_per_pass:
-        step = min(range(steps), key=lambda i: abs(schedule[i] - sigma))
-        assert calls == (16 if step < active_steps else 0), f"step {step} (sigma {sigma:.3f}): {calls} fuser calls"
+    model_sampling = model.get_model_object("model_sampling")
+    steps = 4
+    for beta in (0.5, 0.3):
+        recorded = model.clone()
+        calls_per_pass = []
+        with FuserCalls(ids.model.GatedSelfAttentionFuser) as fusers:
+            def count(apply_model, args):
+                before = len(fusers.calls)
+                result = apply_model(args["input"], args["timestep"], **args["c"])
+                calls_per_pass.append((int(model_sampling.timestep(args["timestep"][:1])), len(fusers.calls) - before))
+                return result
+            recorded.set_model_unet_function_wrapper(count)
+            ksample(comfy, recorded, regrounded(grounded, beta=beta), encoded[1], steps=steps, cfg=1.0)  # cond only
+        # The reference WebUI extension (timestep_to_alpha, stage_one = beta): on while t >= (1 - beta) * 1000.
+        expected = [16 if t >= (1 - beta) * 1000 else 0 for t, _ in calls_per_pass]
+        assert [calls for _, calls in calls_per_pass] == expected, (beta, calls_per_pass)
+        # normal schedule, t = 999, 666, 333, 0: 2 steps for beta 0.5 and 1 for beta 0.3 (here also the
+        # diffusers pipeline's int(beta * steps)).
+        assert sum(calls > 0 for _, calls in calls_per_pass) == {0.5: 2, 0.3: 1}[beta]
+
+
+def test_scheduled_sampling_gate_at_every_timestep(ids, checkpoint, id_model):
+    """The gate for every SD1.x timestep, against the reference rule t >= (1 - beta) * 1000 evaluated in
+    integers (beta in percent), including the boundary timesteps."""
+    model_sampling = checkpoint[0].get_model_object("model_sampling")
+    for percent in (5, 30, 50, 70, 85, 100):
+        patch = ids.model.FuserPatch(id_model.model, None, None, 1.0, ids.model.first_inactive_timestep(percent / 100))
+        active = [patch.active({"sigmas": model_sampling.sigma(torch.tensor([float(t)]))}) for t in range(1000)]
+        assert active == [t >= 10 * (100 - percent) for t in range(1000)], percent
 
 
 def test_strength_zero_gives_the_plain_model_exactly(ids, comfy, checkpoint, encoded, id_model, grounded,
@@ -496,6 +506,24 @@ def test_strength_zero_gives_the_plain_model_exactly(ids, comfy, checkpoint, enc
         patched = model.model.apply_model(x, sigma, c_crossattn=positive[0][0], transformer_options=options)
     assert not fusers.calls
     assert torch.equal(patched, model.model.apply_model(x, sigma, c_crossattn=positive[0][0]))
+
+
+def test_batched_rows_get_cond_or_null_tokens_per_chunk(ids, checkpoint, encoded, id_model, id_sd, grounded):
+    """A batch of 2 images with cond and uncond chunks in one UNet call (as other samplers may batch them)."""
+    patch = id_model.model.set_position((2, 4, 16, 16), grounded[0][1]["gligen"][2], torch.device("cpu"))
+    x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    sigma = torch.tensor([2.0])
+    context = torch.cat([encoded[0][0][0]] * 2 + [encoded[1][0][0]] * 2)
+    options = {"patches": {"middle_patch": [patch]}, "cond_or_uncond": [0, 1], "sigmas": sigma}
+    with FuserCalls(ids.model.GatedSelfAttentionFuser) as fusers:
+        checkpoint[0].model.apply_model(x, sigma.repeat(4), c_crossattn=context, transformer_options=options)
+    assert len(fusers.calls) == 16
+    cond = transcribed_tokens(id_sd, token_items(grounded[0][1]["gligen"][2]))
+    null = transcribed_tokens(id_sd)
+    tokens = fusers.calls[0]["tokens"].double()
+    assert tokens.shape == (4, 90, 768)
+    for row, expected in enumerate((cond, cond, null, null)):
+        torch.testing.assert_close(tokens[row:row + 1], expected, atol=2e-5, rtol=1e-5)
 
 
 def test_width_mismatch_is_reported_at_sampling(ids, comfy, checkpoint, encoded, model_dir, grounded):

@@ -11,7 +11,8 @@ Architecture (as in the public reference, jiuntian/interactdiffusion and its Web
   ``cat([subjects, actions, objects])`` = 90 tokens.
 - Fuser, after attn1 of every transformer block (x: visual tokens, o: grounding tokens):
   ``x += s * tanh(alpha_attn) * SelfAttn(LN1(cat(x, Linear(o))))[:, :len(x)]`` and
-  ``x += s * tanh(alpha_dense) * FF(LN2(x))``, where s = strength while scheduled sampling is on, else 0.
+  ``x += s * tanh(alpha_dense) * FF(LN2(x))``, where s = strength while the UNet timestep
+  t >= (1 - beta) * 1000 (scheduled sampling), else the fuser is skipped.
 """
 import torch
 from torch import nn
@@ -128,32 +129,42 @@ class GatedSelfAttentionFuser(nn.Module):
 _SD1_SAMPLING = []
 
 
-def sd1_percent_to_sigma(percent):
-    """Sigma at sampling progress ``percent`` (0 = start, 1 = end) on the SD1.x noise schedule, ComfyUI's
-    convention (ModelSamplingDiscrete.percent_to_sigma). InteractDiffusion exists for SD1.x only, whose
-    schedule is this one; the middle patch sees sigma but not the model, hence the fixed table."""
+def sd1_timestep(sigma):
+    """The integer SD1.x timestep (0..999) the UNet is run at for ``sigma`` (ComfyUI's
+    ModelSamplingDiscrete.timestep: nearest entry of the 1000-step table). InteractDiffusion exists for
+    SD1.x only, whose schedule is this one; the middle patch sees sigma but not the model."""
     if not _SD1_SAMPLING:
         _SD1_SAMPLING.append(comfy.model_sampling.ModelSamplingDiscrete())
-    return _SD1_SAMPLING[0].percent_to_sigma(percent)
+    return int(_SD1_SAMPLING[0].timestep(torch.as_tensor(sigma, dtype=torch.float32).reshape(1).cpu()))
+
+
+def first_inactive_timestep(beta):
+    """Scheduled sampling as the reference WebUI extension does it (timestep_to_alpha with stage_one =
+    beta, no decay stage): the fusers run while the timestep t >= (1 - beta) * 1000. Rounded, because
+    e.g. (1 - 0.7) * 1000 is 300.00000000000006 and t = 300 must count (the reference compares in float32)."""
+    return round((1.0 - beta) * 1000.0, 6)
 
 
 class FuserPatch:
     """The ``middle_patch`` ComfyUI calls after attn1 of every transformer block.
 
     Rows of the batch that belong to the unconditional pass (``cond_or_uncond`` 1) get the null tokens,
-    as the original feeds masks 0 to the uncond half. The fusers run while sigma >= ``sigma_end``.
+    as the original feeds masks 0 to the uncond half. The fusers run while the SD1.x timestep of the
+    current sigma is >= ``min_timestep``.
     """
 
-    def __init__(self, model, cond_tokens, null_tokens, strength, sigma_end):
+    def __init__(self, model, cond_tokens, null_tokens, strength, min_timestep):
         self.model = model
         self.cond_tokens = cond_tokens
         self.null_tokens = null_tokens
         self.strength = strength
-        self.sigma_end = sigma_end
+        self.min_timestep = min_timestep
 
     def active(self, extra_options):
         sigmas = extra_options.get("sigmas")
-        return self.strength != 0 and (sigmas is None or float(sigmas.reshape(-1)[0]) >= self.sigma_end)
+        if self.strength == 0:
+            return False
+        return self.min_timestep <= 0 or sigmas is None or sd1_timestep(sigmas.reshape(-1)[0]) >= self.min_timestep
 
     def __call__(self, x, extra_options):
         if not self.active(extra_options):
@@ -208,9 +219,9 @@ class InteractDiffusion(nn.Module):
     def set_position(self, latent_shape, interactions, device):
         """GLIGEN protocol (comfy/samplers.py): the middle_patch for a conditioning carrying interactions."""
         return FuserPatch(self, self.tokens(interactions, device), self.tokens(None, device),
-                          interactions.strength, sd1_percent_to_sigma(interactions.beta))
+                          interactions.strength, first_inactive_timestep(interactions.beta))
 
     def set_empty(self, latent_shape, device):
         """GLIGEN protocol for a non-"position" entry: null objects, full strength, whole sampling."""
         null = self.tokens(None, device)
-        return FuserPatch(self, null, null, 1.0, 0.0)
+        return FuserPatch(self, null, null, 1.0, first_inactive_timestep(1.0))
