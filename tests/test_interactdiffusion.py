@@ -530,7 +530,8 @@ def test_width_mismatch_is_reported_at_sampling(ids, comfy, checkpoint, encoded,
     write_tiny_interactdiffusion(os.path.join(model_dir, "wide.pth"), seed=1, model_channels=64)
     wide = ids.nodes.InteractDiffusionLoader().load("wide.pth")[0]
     assert [f.query_dim for f in wide.model.fusers][:2] == [64, 64]
-    with pytest.raises(ids.model.ModelMismatchError, match=r"'wide\.pth' does not fit this model: .*block 0 of the UNet has 32 channels"):
+    with pytest.raises(ids.model.ModelMismatchError, match=r"'wide\.pth' does not fit this model: transformer block 0 of the UNet has 32 channels, "
+                                                         r"the fuser for input_blocks\.1 expects 64"):
         ksample(comfy, checkpoint[0], regrounded(grounded, wide), encoded[1], steps=1)
     assert torch.isfinite(ksample(comfy, checkpoint[0], *encoded, steps=1, cfg=1.0)).all()  # nothing left patched
 

@@ -192,12 +192,13 @@ class InteractDiffusion(nn.Module):
         """The fuser of one transformer block, after checking that it fits the block's width."""
         widths = [f.query_dim for f in self.fusers]
         if transformer_index >= len(self.fusers) or x.shape[-1] != widths[transformer_index]:
-            found = x.shape[-1]
+            expected = (f"the fuser for {self.block_names[transformer_index]} expects {widths[transformer_index]}"
+                        if transformer_index < len(widths) else f"the file has only {len(widths)} fusers")
             raise ModelMismatchError(
-                f"InteractDiffusion file '{self.source}' does not fit this model: its {len(widths)} fusers expect "
-                f"transformer blocks of widths {widths} (SD1.x layout, model_channels {widths[0]}), but "
-                f"transformer block {transformer_index} of the UNet has {found} channels. Use it with an SD1.x "
-                f"(SD1.4/1.5-based) checkpoint; SD2.x, SDXL and other families are not supported.")
+                f"InteractDiffusion file '{self.source}' does not fit this model: transformer block "
+                f"{transformer_index} of the UNet has {x.shape[-1]} channels, {expected} (fuser widths {widths}, "
+                f"SD1.x layout with model_channels {widths[0]}). Use it with an SD1.x (SD1.4/1.5-based) "
+                f"checkpoint; SD2.x, SDXL and other families are not supported.")
         return self.fusers[transformer_index]
 
     def tokens(self, interactions, device):
