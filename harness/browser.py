@@ -41,8 +41,15 @@ class ComfyUISession:
 
     ``console`` collects every console message and page error as (kind, text, url)."""
 
-    def __init__(self, base_dir, install_pack=True, tiny_models=True, viewport=(1600, 1000), settings=None):
+    def __init__(self, base_dir, install_pack=True, tiny_models=True, viewport=(1600, 1000), settings=None,
+                 playwright=None, server_threads=1):
+        """``playwright``: an already started Playwright (sync API) to open this browser with (one process
+        may run only one); ``server_threads``: the server's OMP_NUM_THREADS (on a busy 2-core machine two
+        OpenMP threads made each tiny-UNet call ~10x slower than one)."""
         self.base_dir = os.path.abspath(base_dir)
+        self._own_playwright = playwright is None
+        self.playwright = playwright
+        self.server_threads = server_threads
         self.install_pack = install_pack
         self.viewport = {"width": viewport[0], "height": viewport[1]}
         self.console = []
@@ -60,11 +67,20 @@ class ComfyUISession:
     def __enter__(self):
         from playwright.sync_api import sync_playwright
 
-        self.server = ComfyServer(self.base_dir, install_pack=self.install_pack).start()
+        saved = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = str(self.server_threads)  # read by ComfyServer for the child only
         try:
-            self._playwright = sync_playwright().start()
+            self.server = ComfyServer(self.base_dir, install_pack=self.install_pack).start()
+        finally:
+            if saved is None:
+                del os.environ["OMP_NUM_THREADS"]
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
+        try:
+            if self._own_playwright:
+                self.playwright = sync_playwright().start()
             self._profile = tempfile.mkdtemp(prefix="amdm_chromium_")
-            self.context = self._playwright.chromium.launch_persistent_context(
+            self.context = self.playwright.chromium.launch_persistent_context(
                 self._profile, executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS,
                 viewport=self.viewport)
             self.page = self.context.pages[0] if self.context.pages else self.context.new_page()
@@ -84,10 +100,12 @@ class ComfyUISession:
         if getattr(self, "context", None):
             self.context.close()
             self.context = None
-        if getattr(self, "_playwright", None):
-            self._playwright.stop()
-            self._playwright = None
+        if getattr(self, "_profile", None):
             shutil.rmtree(self._profile, ignore_errors=True)
+            self._profile = None
+        if self._own_playwright and self.playwright:
+            self.playwright.stop()
+            self.playwright = None
         if self.server:
             self.server.stop()
 

@@ -304,7 +304,7 @@ def amdm_sampler(g, b, aux, steps, s, weights, prefix, aggregation="paper"):
     note = g.note(SAMPLER_NOTE, (1680, 660), (700, 250), title="AMDM parameters")
     g.group("AMDM: the branches sample in lockstep and merge during steps 1..s", [sampler, decode, save, note],
             GROUP_AMDM)
-    plain_branch(g, b, steps, (1290, 120 + AMDM_SAMPLER_HEIGHT + BLOCK_GAP + 60))
+    plain_branch(g, b, steps, (1290, 120 + AMDM_SAMPLER_HEIGHT + BLOCK_GAP + 120))
 
 
 def interactdiffusion_migc(nodes):
