@@ -37,8 +37,9 @@ def comfyui_dir():
     return path
 
 
-def boot(base_dir, threads=None):
-    """Import ComfyUI in-process with CPU options and a temporary base directory; idempotent.
+def boot(base_dir, threads=None, cpu=True):
+    """Import ComfyUI in-process with CPU options (cpu=False: ComfyUI picks the accelerator, as for
+    bench/gpu.py) and a temporary base directory; idempotent.
 
     Returns the ComfyUI folder. The order matters: options are set before anything imports
     comfy.model_management (it picks the device at import) or folder_paths (it reads base_directory).
@@ -55,7 +56,7 @@ def boot(base_dir, threads=None):
     from comfy.cli_args import args
 
     os.makedirs(os.path.join(base_dir, "custom_nodes"), exist_ok=True)
-    args.cpu = True
+    args.cpu = cpu
     args.use_pytorch_cross_attention = True
     args.base_directory = base_dir
     args.disable_api_nodes = True
