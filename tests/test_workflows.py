@@ -178,9 +178,10 @@ def test_workflow_has_what_the_issue_asks(name, input_types):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread while these graphs run: on a shared 2-core machine two OpenMP threads made
-    each tiny UNet call ~10x slower (0.6-1.0 s vs 0.06-0.09 s, measured side by side)."""
+def one_torch_thread(comfy):
+    """One intra-op thread while these graphs run (set after the boot, which sets its own count): on a
+    shared 2-core machine two OpenMP threads made each tiny UNet call ~10x slower (0.6-1.0 s vs
+    0.06-0.09 s, measured side by side)."""
     import torch
 
     threads = torch.get_num_threads()
@@ -250,3 +251,38 @@ def test_converter_follows_frontend_rules(input_types):
     assert set(prompt) == {"1", "5"}
     assert prompt["5"]["inputs"] == {"seed": 7, "steps": 3, "cfg": 8.0, "sampler_name": "euler",
                                      "scheduler": "normal", "denoise": 1.0, "latent_image": ["1", 0]}
+
+
+def test_by_hand_workflow_equals_the_sampler(input_types, workflow_files, run_graph, comfy_base):
+    """The by-hand graph does what AMDM Aggregate Sampler does: the test adds the sampler with the same
+    settings (s = 2, exact mean, independent noise) to the converted graph and compares final latents.
+    Not bit-exact: MIGC seeds its slot order by the step index within a sampling run, and each one-step
+    KSamplerAdvanced run is step 0 for it; without MIGC the two agree to ~4e-6 of the latent's std."""
+    import safetensors.torch
+
+    prompt = ui_to_api(scale_workflow(load_workflow("amdm_by_hand"), input_types, CPU_SCALE), input_types)
+    steps = {k: v for k, v in prompt.items() if v["class_type"] == "KSamplerAdvanced"}
+    first = {v["inputs"]["noise_seed"]: v["inputs"] for v in steps.values() if v["inputs"]["start_at_step"] == 0}
+    main, aux = first[min(first)], first[max(first)]
+    tail = next(k for k, v in steps.items() if v["inputs"]["end_at_step"] == v["inputs"]["steps"])
+    (plain,) = [k for k, v in prompt.items() if v["class_type"] == "KSampler"]
+    prompt = {k: v for k, v in prompt.items() if v["class_type"] not in ("VAEDecode", "SaveImage")}
+    prompt["sampler"] = {"class_type": "AMDMAggregateSampler", "inputs": dict(
+        model=main["model"], positive=main["positive"], negative=main["negative"], model_2=aux["model"],
+        positive_2=aux["positive"], negative_2=aux["negative"], latent_image=main["latent_image"],
+        seed=main["noise_seed"], steps=main["steps"], cfg=main["cfg"], cfg_2=aux["cfg"],
+        sampler_name=main["sampler_name"], scheduler=main["scheduler"], denoise=1.0, weight_2=0.5,
+        aggregation_steps=2, aggregation="paper", deviation_step=0.3, mean_mode="exact", noise="independent")}
+    assert aux["noise_seed"] == main["noise_seed"] + 1
+    for name, source in (("hand", tail), ("sampler", "sampler"), ("plain", plain)):
+        prompt["save_" + name] = {"class_type": "SaveLatent", "inputs": {"samples": [source, 0],
+                                                                          "filename_prefix": "amdm_test/" + name}}
+    outputs, _ = run_graph(prompt)
+    latents = {}
+    for name in ("hand", "sampler", "plain"):
+        (entry,) = outputs["save_" + name]["latents"]
+        path = os.path.join(comfy_base, "output", entry["subfolder"], entry["filename"])
+        latents[name] = safetensors.torch.load_file(path)["latent_tensor"]
+    aggregation_effect = (latents["sampler"] - latents["plain"]).abs().max().item()
+    assert aggregation_effect > 1.0
+    assert (latents["hand"] - latents["sampler"]).abs().max().item() < 0.01 * aggregation_effect
