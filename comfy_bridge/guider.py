@@ -152,7 +152,6 @@ class AMDMGuider(comfy.samplers.CFGGuider):
         self.main_guider = main_guider
         self.aux_guiders = list(aux_guiders)
         self.settings = settings
-        self.original_conds = main_guider.original_conds
         self.noise_batch_index = None  # set by the Aggregate Sampler node from the latent's batch_index
         self.last_run = {}
 

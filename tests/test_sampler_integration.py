@@ -164,7 +164,7 @@ def counted(patcher, calls):
 
 
 def test_bad_inputs_fail_before_the_first_step(comfy, pack, tiny_model, conds):
-    from comfy import latent_formats
+    from comfy import hooks, latent_formats
 
     calls = []
     main = (counted(tiny_model, calls), conds[0], conds[1])
@@ -192,6 +192,9 @@ def test_bad_inputs_fail_before_the_first_step(comfy, pack, tiny_model, conds):
     assert "16 channels" in message and "expects 4" in message
     message = error_of(aux=[(ok_aux[0], None, conds[3], 7.5)])
     assert "branch 2 needs a model, a positive and a negative" in message
+    hooked = [[conds[2][0][0], {"hooks": hooks.HookGroup()}]]
+    message = error_of(aux=[(ok_aux[0], hooked, conds[3], 7.5)])
+    assert "branch 2 carries hooks" in message
     assert calls == [], "a model call ran before the bad input was reported"
 
 
