@@ -5,8 +5,9 @@ An SD1.5-size UNet (model_channels 320, the real SD1.5 topology and parameter co
 weights is built in-process (no files), fp16, 512x512 (64x64 latent), T = 20, s = 10, ddim / ddim_uniform,
 cfg 7.5, random CLIP-shaped conditioning. Runs: KSampler, AMDM Aggregate Sampler with 2 and 3 branches
 (aux branches cloned from the main model, i.e. one UNet in memory, as when InteractDiffusion and MIGC
-patch the same SD1.5 checkpoint). Each configuration runs --repeats times after a warm-up; the fastest
-run is reported. it/s counts sampling steps (T per run); calls/s counts UNet calls (cond+uncond batched).
+patch the same SD1.5 checkpoint). Every configuration is warmed up, then all run round-robin --repeats
+times; the fastest run of each is reported. it/s counts sampling steps (T per run); calls/s counts UNet calls
+(cond+uncond batched).
 
 Self-contained: boots ComfyUI through harness.runtime like the tests; needs only torch and ComfyUI.
 
@@ -104,12 +105,13 @@ def main():
                               "independent", **optional)
 
     runs = {"KSampler": ksampler, "AMDM N=2": lambda: amdm(2), "AMDM N=3": lambda: amdm(3)}
-    results = {}
+    results = {label: {"time": None, "calls": 0, "peak": None} for label in runs}
     with torch.inference_mode():
-        for label, run in runs.items():
+        for run in runs.values():
             run()  # warm-up (model load, kernels, allocator)
-            best, peak = None, None
-            for _ in range(args.repeats):
+        # Round-robin repeats, so that clock ramps and host noise hit every configuration alike.
+        for _ in range(args.repeats):
+            for label, run in runs.items():
                 if on_cuda:
                     torch.cuda.reset_peak_memory_stats(device)
                 calls[0] = 0
@@ -118,10 +120,12 @@ def main():
                 run()
                 synchronize(device)
                 elapsed = time.perf_counter() - start
-                best = elapsed if best is None else min(best, elapsed)
+                result = results[label]
+                result["time"] = elapsed if result["time"] is None else min(result["time"], elapsed)
+                result["calls"] = calls[0]
                 if on_cuda:
                     peak = torch.cuda.max_memory_allocated(device) / 2**20
-            results[label] = {"time": best, "calls": calls[0], "peak": peak}
+                    result["peak"] = peak if result["peak"] is None else max(result["peak"], peak)
 
     base = results["KSampler"]
     print(f"# AMDM vs KSampler on {name}")
@@ -129,7 +133,7 @@ def main():
     print(f"torch {torch.__version__}, ComfyUI {comfyui_version.__version__}, UNet width {channels} "
           f"({params / 1e6:.0f} M parameters, random weights), {str(dtype).replace('torch.', '')}, {size}x{size} "
           f"(latent {size // 8}x{size // 8}), T = {args.steps}, s = {args.window}, ddim / ddim_uniform, cfg 7.5, "
-          f"fastest of {args.repeats} runs after a warm-up.")
+          f"fastest of {args.repeats} round-robin runs after a warm-up.")
     print()
     print("| run | UNet calls | time (s) | it/s | UNet calls/s | time ratio | call ratio | peak VRAM (MiB) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -100,7 +100,6 @@ class PatcherSwitch:
             states.setdefault(id(patcher.model), set()).add(_patch_state(patcher))
         self._needs_reload = {model_id for model_id, s in states.items() if len(s) > 1}
         self._live = {}
-        self.reloads = 0
 
     def activate(self, patcher):
         model = patcher.model
@@ -112,5 +111,4 @@ class PatcherSwitch:
                 extra_memory = 0 if model.model_lowvram else 1e32
                 patcher.partially_load(patcher.load_device, extra_memory)
                 self._live[id(model)] = state
-                self.reloads += 1
         model.current_patcher = patcher

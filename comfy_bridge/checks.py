@@ -32,7 +32,8 @@ class AggregationSettings:
 
     def validate(self, branch_count):
         if not 2 <= branch_count <= MAX_BRANCHES:
-            raise AMDMInputError(f"AMDM needs 2 to {MAX_BRANCHES} branches (a main one and aux ones), got {branch_count}")
+            raise AMDMInputError(
+                f"AMDM needs 2 to {MAX_BRANCHES} branches (a main one and aux ones), got {branch_count}")
         if len(self.weights) != branch_count - 1:
             raise AMDMInputError(f"{branch_count} branches need {branch_count - 1} weights, got {len(self.weights)}")
         for index, weight in enumerate(self.weights, start=1):
@@ -43,7 +44,8 @@ class AggregationSettings:
         if int(self.aggregation_steps) < 0:
             raise AMDMInputError(f"aggregation_steps must be >= 0, got {self.aggregation_steps}")
         if not float(self.deviation_step) >= 0.0:
-            raise AMDMInputError(f"deviation_step must be >= 0 (a length in VP latent units), got {self.deviation_step}")
+            raise AMDMInputError(
+                f"deviation_step must be >= 0 (a length in VP latent units), got {self.deviation_step}")
         if self.aggregation not in AGGREGATION_MODES:
             raise AMDMInputError(f"unknown aggregation {self.aggregation!r}; choose one of {AGGREGATION_MODES}")
         if self.aggregation == "paper" and branch_count > 3:
@@ -88,7 +90,8 @@ def check_model_sampling(patcher, index):
         raise AMDMInputError(
             f"{branch_name(index)}'s model samples as {kind} (a flow / non-VP parameterisation); AMDM's "
             "aggregation is defined for VP diffusion models (SD1.x, SD2.x, SDXL eps or v-prediction)")
-    if float(getattr(sampling, "sigma_data", 1.0)) != 1.0 or not isinstance(getattr(sampling, "sigmas", None), torch.Tensor):
+    has_table = isinstance(getattr(sampling, "sigmas", None), torch.Tensor)
+    if float(getattr(sampling, "sigma_data", 1.0)) != 1.0 or not has_table:
         raise AMDMInputError(
             f"{branch_name(index)}'s model sampling ({kind}) has no discrete VP sigma table with sigma_data 1; "
             "AMDM needs one (SD1.x, SD2.x, SDXL)")

@@ -57,7 +57,7 @@ class LockstepSampler(comfy.samplers.KSAMPLER):
         self.aux_noise = aux_noise
         self.aux_seeds = aux_seeds
         self.settings = settings
-        self.stats = {}
+        self.aux_denoised = []  # each aux branch's last x0 estimate, after a run
         self._run = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
@@ -70,13 +70,15 @@ class LockstepSampler(comfy.samplers.KSAMPLER):
         finally:
             self._run = None
 
-    def _make_step(self, x, seed):
+    def _make_step(self, branch, x, seed):
         if self.kind == "euler":
             return EulerStep()
         if self.kind == "dpmpp_2m":
             return DPMPP2MStep()
-        # Exactly what sample_euler_ancestral builds: its noise sampler seeded from extra_args["seed"].
-        noise_sampler = self.step_options.get("noise_sampler") or k_sampling.default_noise_sampler(x, seed=seed)
+        # Exactly what sample_euler_ancestral builds: the SAMPLER's own noise sampler, else one seeded from
+        # the run's seed; aux branches get their own stream (never the main branch's object).
+        noise_sampler = self.step_options.get("noise_sampler") if branch == 0 else None
+        noise_sampler = noise_sampler or k_sampling.default_noise_sampler(x, seed=seed)
         return AncestralStep(noise_sampler, eta=self.step_options.get("eta", 1.0),
                              s_noise=self.step_options.get("s_noise", 1.0))
 
@@ -122,10 +124,9 @@ class LockstepSampler(comfy.samplers.KSAMPLER):
                 aggregation_steps=self.settings.aggregation_steps, weights=list(self.settings.weights),
                 aggregation=self.settings.aggregation, deviation_steps=self.settings.deviation_step,
                 mean_mode=self.settings.mean_mode, sigma_table=model_sampling.sigmas,
-                make_step=lambda k: self._make_step(initial[k], seeds[k]), callback=on_step,
+                make_step=lambda k: self._make_step(k, initial[k], seeds[k]), callback=on_step,
                 check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
-            self.stats = {"model_calls": result.model_calls, "patch_reloads": switch.reloads,
-                          "aux_denoised": [last_aux_denoised[k] for k in sorted(last_aux_denoised)]}
+            self.aux_denoised = [last_aux_denoised[k] for k in sorted(last_aux_denoised)]
             return result.x
         finally:
             try:
@@ -153,7 +154,7 @@ class AMDMGuider(comfy.samplers.CFGGuider):
         self.aux_guiders = list(aux_guiders)
         self.settings = settings
         self.noise_batch_index = None  # set by the Aggregate Sampler node from the latent's batch_index
-        self.last_run = {}
+        self.last_aux_denoised = []
 
     def set_conds(self, *args, **kwargs):
         raise TypeError("an AMDM Guider takes its conditioning from its branch guiders")
@@ -194,7 +195,7 @@ class AMDMGuider(comfy.samplers.CFGGuider):
         main.model_patcher.set_additional_models(ADDITIONAL_MODELS_KEY, attached)
         lockstep = LockstepSampler(sampler, kind, self.aux_guiders, aux_noise, aux_seeds, self.settings)
         output = main.sample(noise, latent_image, lockstep, sigmas, denoise_mask, callback, disable_pbar, seed)
-        self.last_run = lockstep.stats
+        self.last_aux_denoised = lockstep.aux_denoised
         return output
 
 
@@ -231,7 +232,7 @@ def aggregate_sample(branches, latent, seed, steps, sampler_name, scheduler, den
                           seed=seed)
     out = latent.copy()
     out["samples"] = samples.to(comfy.model_management.intermediate_device())
-    aux = amdm.last_run.get("aux_denoised")
+    aux = amdm.last_aux_denoised
     if not aux:  # denoise 0: nothing ran
         return out, out
     aux_out = {"samples": model.model.process_latent_out(torch.cat(aux).float()).to(

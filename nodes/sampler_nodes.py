@@ -13,7 +13,8 @@ DEFAULT_WEIGHTS = {2: 0.5, 3: 0.6, 4: 0.5}  # reference UI: w1 = 0.5, w2 = 0.6 (
 
 def _weight_input(branch):
     return ("FLOAT", {"default": DEFAULT_WEIGHTS[branch], "min": 0.0, "max": 1.0, "step": 0.01,
-                      "tooltip": f"Slerp weight of branch {branch} (0 keeps the main latent, 1 takes branch {branch}'s). "
+                      "tooltip": f"Slerp weight of branch {branch} (0 keeps the main latent, 1 takes branch "
+                                 f"{branch}'s). "
                                  "In 'paper' mode with 3 branches weight_2 weighs the main branch inside the first "
                                  "pair and weight_3 is also the outer weight (the reference code's formula)."})
 

@@ -99,7 +99,8 @@ def test_amdm_by_hand_matches_the_aggregate_sampler(comfy, pack, tiny_model, mer
     branch + Slerp Latent Merge + Deviation Correct, then the main branch alone."""
     gen = torch.Generator().manual_seed(31)
     conds = [[[torch.randn(1, 77, 768, generator=gen), {}]] for _ in range(4)]
-    branches = [(tame(tiny_model), conds[0], conds[1], 7.5, SEED), (tame(tiny_model), conds[2], conds[3], 6.0, SEED + 1)]
+    branches = [(tame(tiny_model), conds[0], conds[1], 7.5, SEED),
+                (tame(tiny_model), conds[2], conds[3], 6.0, SEED + 1)]
     sigmas = comfy.NODE_CLASS_MAPPINGS["BasicScheduler"].execute(branches[0][0], "ddim_uniform", STEPS, 1.0).result[0]
 
     def one_step(k, latent, i, add_noise="disable", leftover="enable"):

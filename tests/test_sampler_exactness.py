@@ -227,6 +227,32 @@ def test_matches_a_transcription_of_the_spec_loop(comfy, pack, models, conds, br
     assert (got - solo).abs().max() > 1e-2, "the aggregation had no visible effect"
 
 
+def test_dual_cfg_and_perp_neg_guiders_as_branches_match_the_transcription(comfy, pack, models, conds):
+    """AMDM Guider + SamplerCustomAdvanced with a DualCFGGuider main and a PerpNegGuider aux branch."""
+    nodes = comfy.NODE_CLASS_MAPPINGS
+    seed, s = 6, 3
+    main = nodes["DualCFGGuider"].execute(tame(models["main"]), conds[0], conds[1], conds[2], 6.0, 3.0,
+                                          "regular").result[0]
+    aux = nodes["PerpNegGuider"].execute(tame(models["other"]), conds[3], conds[4], conds[5], 7.0, 1.0).result[0]
+    amdm_guider = pack.NODE_CLASS_MAPPINGS["AMDMGuider"]().get_guider(main, aux, 0.5, s, "paper", 0.3, "reference",
+                                                                      "independent")[0]
+    sigmas = nodes["BasicScheduler"].execute(models["main"], "ddim_uniform", STEPS, 1.0).result[0]
+    noise = nodes["RandomNoise"].execute(seed).result[0]
+    ddim = nodes["KSamplerSelect"].execute("ddim").result[0]
+    with torch.no_grad():
+        got = nodes["SamplerCustomAdvanced"].execute(noise, amdm_guider, ddim, sigmas,
+                                                     empty_latent()).result[0]["samples"]
+    from comfy import sample as comfy_sample
+
+    noises = [comfy_sample.prepare_noise(torch.zeros(1, 4, SIZE, SIZE), seed + k) for k in range(2)]
+    denoisers = [prepared_denoiser(main, noises[0], seed), prepared_denoiser(aux, noises[1], seed + 1)]
+    table = models["main"].get_model_object("model_sampling").sigmas
+    with torch.no_grad():
+        expected = spec_amdm(denoisers, noises, sigmas, s, [0.5], "paper", 0.3, "reference", table)
+    difference = float((models["main"].model.process_latent_in(got).double() - expected).abs().max())
+    assert difference <= 1e-5, f"max abs difference {difference:.3g} from the spec transcription"
+
+
 # --- 3. model calls ----------------------------------------------------------------------------------
 
 def counting(patcher, calls, name):
