@@ -79,6 +79,9 @@ SAMPLER_NOTE = """AMDM Aggregate Sampler
 - noise: independent = aux branch k uses seed + k - 1; shared = every branch the main noise.
 - sampler ddim + scheduler ddim_uniform = DDIM (eta 0), as in the paper."""
 
+STYLE_NOTE = """Load a painting in the style you want ('choose file to upload' above); the IP-Adapter
+branch carries its style into the result (IP-Adapter weight 0.8, as in the paper)."""
+
 COMPARE_NOTE = """Without aggregation: the main branch alone (plain KSampler, same seed, steps, cfg,
 sampler and scheduler). Compare it with the AMDM result to see what the aux branches transfer."""
 
@@ -256,7 +259,8 @@ def common(g, with_migc=False, with_ip=False, migc_steps=None):
         g.connect(ip_loader, 0, ip_apply, "ipadapter")
         g.connect(image, "IMAGE", ip_apply, "image")
         g.connect(vision, 0, ip_apply, "clip_vision")
-        g.group("Aux branch: IP-Adapter (style of the reference image)", [ip_loader, vision, image, ip_apply],
+        style = g.note(STYLE_NOTE, (390, y + 420), (380, 110), title="Style reference")
+        g.group("Aux branch: IP-Adapter (style of the reference image)", [ip_loader, vision, image, ip_apply, style],
                 GROUP_STYLE)
         branches["ip"] = ip_apply
     return branches
@@ -339,7 +343,9 @@ the two results (weight = the aux branch's), Deviation Correct moves the merge b
 (mean_mode exact: the branch's own step result) and that is the branch's input for the next step.
 After step 2 the aux branch stops and the main branch runs steps 3..10 alone.
 Noise: the aux branch's first step uses seed + 1, as the sampler's 'independent' noise mode does.
-MIGC counts steps within each one-step run here, so migc_steps only needs to be >= 0."""
+MIGC counts steps within each one-step run here, so migc_steps only needs to be >= 0.
+The result equals AMDM Aggregate Sampler with steps 10, s = 2, mean_mode exact, noise independent
+(up to MIGC's per-step slot order, which restarts in every one-step run)."""
 
 
 def amdm_by_hand(nodes):
