@@ -6,6 +6,8 @@ import pytest
 import safetensors.torch
 import torch
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SETTINGS = {"seed": 5, "steps": 5, "cfg": 7.5, "cfg_2": 6.0, "sampler_name": "ddim", "scheduler": "ddim_uniform",
             "denoise": 1.0, "weight_2": 0.5, "aggregation_steps": 3, "aggregation": "paper", "deviation_step": 0.3,
             "mean_mode": "reference", "noise": "independent"}
@@ -62,8 +64,9 @@ def saved_latent(output_dir, prefix):
 
 
 @pytest.fixture(scope="module")
-def direct_result(comfy, pack, checkpoint):
-    """The same run as a direct node call on the checkpoint loaded by the checkpoint fixture."""
+def direct_result(comfy, pack, checkpoint, one_torch_thread):
+    """The same run as a direct node call on the checkpoint loaded by the checkpoint fixture (one torch
+    thread: the reduction order, hence the last bits, depends on the thread count)."""
     model, clip, _ = checkpoint
     encoded = {name: comfy.CLIPTextEncode().encode(clip, text)[0] for name, text in TEXTS.items()}
     with torch.inference_mode():
@@ -100,9 +103,10 @@ NODE_CLASS_MAPPINGS = {{}}
 """
 
 
-def test_server_runs_the_sampler_over_http(comfy_server, tmp_path, tiny_checkpoint, direct_result):
+def test_server_runs_the_sampler_over_http(comfy_server, tmp_path, monkeypatch, tiny_checkpoint, direct_result):
     from harness import tiny_models
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the server's torch threads, as in direct_result
     helper = tmp_path / "server_base_0" / "custom_nodes" / "amdm_test_tiny_models"  # the base comfy_server uses
     helper.mkdir(parents=True)
     (helper / "__init__.py").write_text(TINY_MODELS_NODE.format(path=tiny_models.__file__))

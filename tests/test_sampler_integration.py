@@ -6,6 +6,8 @@ import pytest
 import torch
 from test_sampler_exactness import amdm, empty_latent, ksampler
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 STEPS = 5
 SIZE = 8
 TRANSFORMER_BLOCKS = 16  # SD1.5: input 1,2,4,5,7,8 + middle + output 3..11
