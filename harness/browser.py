@@ -121,8 +121,12 @@ class ComfyUISession:
         return self.page.locator(MISSING_NODES_DIALOG).count() > 0
 
     def close_dialogs(self):
+        """Escape, then a click on the backdrop for dialogs that ignore Escape (the templates dialog)."""
         self.page.keyboard.press("Escape")
         self.page.wait_for_timeout(300)
+        if self.page.locator('[role="dialog"]').count():
+            self.page.mouse.click(5, self.viewport["height"] // 2)
+            self.page.wait_for_timeout(300)
 
     def errors(self, marker):
         """Console errors / page errors whose text or source contains ``marker``."""

@@ -68,6 +68,7 @@ def test_shipped_workflow_loads_cleanly(ui, name, input_types):
     ui.page.wait_for_timeout(1500)  # the missing-nodes dialog appears ~0.3 s after loading
     screenshot(ui, name)
     assert not ui.missing_nodes_dialog()
+    assert ui.page.locator('[role="dialog"]').count() == 0, "a dialog (e.g. missing models) opened on load"
     state = ui.page.evaluate("""async () => {
         const graph = app.graph;
         return {
@@ -84,6 +85,17 @@ def test_shipped_workflow_loads_cleanly(ui, name, input_types):
     ours = ui_to_api(workflow, input_types)
     assert {k: (v["class_type"], v["inputs"]) for k, v in state["api"].items()} == \
            {k: (v["class_type"], v["inputs"]) for k, v in ours.items()}
+
+
+def test_template_browser_lists_the_workflows(ui):
+    ui.page.get_by_text("Templates", exact=True).first.click()
+    dialog = ui.page.locator('[role="dialog"]').first
+    dialog.get_by_text(PACK_DIR_NAME, exact=True).click()
+    for name in shipped_workflows():
+        dialog.get_by_text(name, exact=True).wait_for(timeout=10_000)
+    screenshot(ui, "template_browser")
+    ui.close_dialogs()
+    assert ui.page.locator('[role="dialog"]').count() == 0
 
 
 def test_unknown_node_type_raises_missing_nodes_dialog(ui):
