@@ -20,6 +20,7 @@ from workflow_files import (REQUIRED_WORKFLOWS, WORKFLOW_DIR, expected_files, lo
 CAPTION = "A red hair girl is drinking from a blue bottle of water, oil painting"
 CPU_SCALE = 4
 CPU_STEPS, CPU_AGGREGATION_STEPS = 10, 4
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: ~10x faster on the shared machine
 SIZE_AT_CPU_SCALE = 512 // CPU_SCALE
 SAMPLING_WIDGETS = ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise")
 
@@ -175,19 +176,6 @@ def test_workflow_has_what_the_issue_asks(name, input_types):
     assert (amdm["sampler_name"], amdm["scheduler"]) == ("ddim", "ddim_uniform")
     for node in nodes_of(workflow, "AMDMIPAdapterApply"):
         assert widgets(node, input_types)["weight"] == 0.8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread(comfy):
-    """One intra-op thread while these graphs run (set after the boot, which sets its own count): on a
-    shared 2-core machine two OpenMP threads made each tiny UNet call ~10x slower (0.6-1.0 s vs
-    0.06-0.09 s, measured side by side)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def cpu_sized(prompt):
