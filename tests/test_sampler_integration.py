@@ -138,6 +138,7 @@ def test_interrupt_propagates_and_leaves_nothing_behind(comfy, pack, tiny_model,
         return apply_model(args["input"], args["timestep"], **args["c"])
 
     aux.set_model_unet_function_wrapper(interrupt_on_second_call)
+    aux_options_before = copy.deepcopy(aux.model_options)
     try:
         with torch.no_grad(), pytest.raises(model_management.InterruptProcessingException):
             amdm(pack, main, [(aux, conds[2], conds[3], 7.5)], empty_latent(), steps=STEPS, s=3)
@@ -146,7 +147,8 @@ def test_interrupt_propagates_and_leaves_nothing_behind(comfy, pack, tiny_model,
     assert len(aux_calls) == 2, "the run went on after the interrupt"
     assert tiny_model.model.current_patcher is None
     assert same_weights(tiny_model, snapshot), "the aux branch's LoRA is still patched into the shared UNet"
-    assert tiny_model.model_options == options_before
+    assert tiny_model.model_options == options_before and aux.model_options == aux_options_before
+    assert aux.hook_mode == tiny_model.hook_mode and not aux.additional_models
     with torch.no_grad():
         after = ksampler(comfy, *main, empty_latent(), steps=STEPS)
     assert torch.equal(before, after)
