@@ -148,8 +148,8 @@ def check_run(sigmas, latent_image, latent_format, aggregation_steps):
     total = sigmas.shape[0] - 1
     if int(aggregation_steps) > total - 1:
         raise AMDMInputError(
-            f"aggregation_steps s = {aggregation_steps} but this run has {total} sampling steps; the window "
-            f"(steps 1 .. s) must end before the last step, so s must be at most {total - 1}")
+            f"aggregation_steps s = {aggregation_steps} but this run has {total} sampling steps (0 .. {total - 1}); "
+            f"the aux branches run steps 0 .. s, so s must be at most {total - 1}")
     if latent_image.is_nested:
         raise AMDMInputError("nested (multi-part) latents are not supported by AMDM")
     if latent_image.ndim != 4:
