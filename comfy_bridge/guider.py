@@ -14,6 +14,7 @@ import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
+import latent_preview
 import torch
 from comfy.k_diffusion import sampling as k_sampling
 
@@ -216,8 +217,6 @@ def aggregate_sample(branches, latent, seed, steps, sampler_name, scheduler, den
         guider.set_cfg(cfg)
         guiders.append(guider)
     amdm = AMDMGuider(guiders[0], guiders[1:], settings)
-
-    import latent_preview
 
     model = branches[0][0]
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
