@@ -92,6 +92,28 @@ def test_each_branch_attn2_patch_runs_only_in_its_own_calls(pack, tiny_model, co
     assert tiny_model.model.current_patcher is None
 
 
+def test_one_load_models_gpu_loads_every_branch(pack, tiny_model, conds, monkeypatch):
+    from comfy import model_management
+    from harness import tiny_models
+
+    loads = []
+    real_load = model_management.load_models_gpu
+
+    def recording_load(models, *args, **kwargs):
+        loads.append(list(models))
+        return real_load(models, *args, **kwargs)
+
+    monkeypatch.setattr(model_management, "load_models_gpu", recording_load)
+    aux_same, aux_other = tiny_model.clone(), tiny_models.tiny_model_patcher(seed=2)
+    aux = [(aux_same, conds[2], conds[3], 7.5), (aux_other, conds[4], conds[5], 7.5)]
+    with torch.no_grad():
+        amdm(pack, (tiny_model, conds[0], conds[1]), aux, empty_latent(), steps=3, s=1)
+    assert len(loads) == 1, f"{len(loads)} load_models_gpu calls for one AMDM run"
+    loaded = loads[0]
+    assert any(m is aux_same for m in loaded) and any(m is aux_other for m in loaded)
+    assert any(m.model is tiny_model.model and m is not aux_same for m in loaded), "the main branch was not loaded"
+
+
 def test_lora_on_one_clone_equals_running_that_branch_on_a_deep_copy(comfy, pack, tiny_model, conds):
     from comfy import model_patcher
 
