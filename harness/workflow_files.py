@@ -1,5 +1,6 @@
-"""Helpers of the workflow tests (test_workflows.py, test_browser.py): the shipped workflow files and
-tiny generated stand-ins for every model file they name, saved under those names."""
+"""The shipped example workflows (example_workflows/) and tiny generated stand-ins for every model file
+they name, saved under those names: used by tests/test_workflows.py, tests/test_browser.py and anything
+that runs the shipped graphs on CPU (convert with harness.workflow_api)."""
 import glob
 import json
 import os
@@ -34,7 +35,7 @@ def load_workflow(name):
 
 def expected_files(workflows, input_types):
     """{(folder, file name)} that the workflows' loader nodes name."""
-    from harness.workflow_api import widget_layout
+    from .workflow_api import widget_layout
 
     files = set()
     for workflow in workflows:
@@ -49,9 +50,9 @@ def expected_files(workflows, input_types):
 def stage_files(base_dir, files, tiny_checkpoint_path):
     """Write tiny seeded stand-ins under ``base_dir/models/<folder>/<name>`` (``base_dir/input`` for
     images) in each real file format; the checkpoint is a link to the session's tiny SD1.5 file."""
-    from harness.tiny_interactdiffusion import write_tiny_interactdiffusion
-    from harness.tiny_ipadapter import write_tiny_clip_vision, write_tiny_ipadapter
-    from harness.tiny_migc import write_tiny_migc
+    from .tiny_interactdiffusion import write_tiny_interactdiffusion
+    from .tiny_ipadapter import write_tiny_clip_vision, write_tiny_ipadapter
+    from .tiny_migc import write_tiny_migc
 
     writers = {"interactdiffusion": write_tiny_interactdiffusion, "migc": write_tiny_migc,
                "ipadapter": write_tiny_ipadapter, "clip_vision": write_tiny_clip_vision,

@@ -14,7 +14,7 @@ import pytest
 from harness.browser import MISSING_NODES_DIALOG, ComfyUISession
 from harness.runtime import PACK_DIR_NAME
 from harness.workflow_api import scale_workflow, ui_to_api, widget_layout
-from workflow_files import REPO_ROOT, expected_files, load_workflow, shipped_workflows, stage_files
+from harness.workflow_files import REPO_ROOT, expected_files, load_workflow, shipped_workflows, stage_files
 
 ARTIFACTS = os.path.join(REPO_ROOT, "test-artifacts", "browser")
 PACK_SCRIPT_MARKERS = (f"/extensions/{PACK_DIR_NAME}/", "amdm_box_editor")

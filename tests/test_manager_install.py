@@ -16,7 +16,7 @@ import tomllib
 from PIL import Image
 
 from harness.server import ComfyServer
-from workflow_files import REPO_ROOT, REQUIRED_WORKFLOWS
+from harness.workflow_files import REPO_ROOT, REQUIRED_WORKFLOWS
 
 CLONE_NAME = "comfyui-amdm"  # the folder name a `git clone` of the repository gives
 

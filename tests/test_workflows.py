@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from harness.workflow_api import check_workflow, scale_workflow, ui_to_api, widget_layout
-from workflow_files import (REQUIRED_WORKFLOWS, WORKFLOW_DIR, expected_files, load_workflow,
-                            shipped_workflows, stage_files)
+from harness.workflow_files import (REQUIRED_WORKFLOWS, WORKFLOW_DIR, expected_files, load_workflow,
+                                    shipped_workflows, stage_files)
 
 CAPTION = "A red hair girl is drinking from a blue bottle of water, oil painting"
 CPU_SCALE = 4

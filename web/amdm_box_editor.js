@@ -51,7 +51,8 @@ function parseBoxText(text, spec) {
 }
 
 function formatBoxLine(phrases, boxes) {
-    const fmt = (box) => box.map((v) => String(Math.round(v))).join(", ");
+    // boxes drawn or changed here are whole pixels already; others keep the user's values
+    const fmt = (box) => box.map((v) => String(+v.toFixed(2))).join(", ");
     return [...phrases, ...boxes.map(fmt)].join(" | ");
 }
 
