@@ -44,7 +44,8 @@ def run_graph(prompt, extra_data=None):
     server = _HeadlessServer()
     executor = execution.PromptExecutor(server, cache_type=execution.CacheType.NONE,
                                         cache_args={"lru": 0, "ram": 0})
-    executor.execute(prompt, prompt_id, extra_data or {}, valid[2])
+    # A client id makes ComfyUI send its per-node "executing" messages (node_timings reads them).
+    executor.execute(prompt, prompt_id, {"client_id": "headless", **(extra_data or {})}, valid[2])
     if not executor.success:
         errors = [data for event, data in executor.status_messages if event == "execution_error"]
         message = errors[0].get("exception_message", "") if errors else "unknown failure"
@@ -53,6 +54,9 @@ def run_graph(prompt, extra_data=None):
 
 
 def node_timings(executor):
-    """Seconds spent per node id, from the executor's `executing` messages (node start to next start)."""
-    starts = [(data.get("node"), t) for event, data, t in executor.server.messages if event == "executing"]
+    """Seconds spent per node id, from the executor's `executing` messages (node start to next start,
+    the last node to the run's last message)."""
+    messages = executor.server.messages
+    starts = [(data.get("node"), t) for event, data, t in messages if event == "executing"]
+    starts.append((None, messages[-1][2]))  # the run's last message closes the last node
     return {node: round(t_next - t, 4) for (node, t), (_, t_next) in zip(starts, starts[1:]) if node is not None}
