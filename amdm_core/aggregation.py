@@ -12,7 +12,11 @@ _ZERO_NORM = 1e-12  # an item with a smaller norm has no direction
 
 
 def _per_item_weight(w, batch, device):
-    """w as a float32 column [B, 1]: a number, a 0-dim tensor or one weight per batch item."""
+    """w as a float32 column [B, 1]: a number, a 0-dim tensor or one weight per batch item. A plain number
+    stays a Python float (rounded to float32, so the arithmetic is the same): building a device tensor from
+    it would be a blocking host-to-device copy on every call."""
+    if isinstance(w, (int, float)):
+        return float(torch.tensor(float(w), dtype=torch.float32))
     w = torch.as_tensor(w, dtype=torch.float32, device=device)
     if w.numel() == 1:
         return w.reshape(1, 1).expand(batch, 1)

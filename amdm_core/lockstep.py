@@ -116,6 +116,9 @@ def run_lockstep(
     window = min(int(aggregation_steps), total_steps - 1)
     p = _per_branch(deviation_steps, n, "deviation_steps")
     steps = [make_step(k) for k in range(n)]
+    # Host copies for the scalar look-ups (timesteps, alphas): on an accelerator each would be a sync.
+    host_sigmas = sigmas.detach().cpu()
+    host_table = sigma_table.detach().cpu() if isinstance(sigma_table, torch.Tensor) else sigma_table
 
     x = list(initial_latents)
     eps_prev = [None] * n
@@ -141,10 +144,10 @@ def run_lockstep(
         if n > 1 and 1 <= i <= window:
             xbar = aggregate(y, weights, aggregation)
             xbar_vp = to_vp(xbar, sigma_next)
-            t_prev = timestep_of_sigma(sigmas[i - 1], sigma_table) if mean_mode == "reference" else None
+            t_prev = timestep_of_sigma(host_sigmas[i - 1], host_table) if mean_mode == "reference" else None
             for k in range(n):
                 if mean_mode == "reference":
-                    mu = reference_mean(to_vp(x[k], sigma), eps_prev[k], t_prev, sigma_table)
+                    mu = reference_mean(to_vp(x[k], sigma), eps_prev[k], t_prev, host_table)
                 else:
                     mu = to_vp(x[k] + eps[k] * (sigma_next - sigma), sigma_next)
                 # from_vp is linear: step in VP, then scale only the correction back, so p = 0 leaves
