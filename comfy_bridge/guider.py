@@ -113,7 +113,6 @@ class LockstepSampler(comfy.samplers.KSAMPLER):
                 return denoise
 
             denoisers = [main_denoise] + [aux_denoiser(k, b) for k, b in enumerate(branches, start=1)]
-            sigma_table = model_sampling.sigmas.detach().cpu()  # scalar look-ups on the host: no device syncs
             initial = [x] + aux_x
             seeds = [seed] + list(self.aux_seeds)
 
@@ -125,7 +124,7 @@ class LockstepSampler(comfy.samplers.KSAMPLER):
                 denoisers, initial, sigmas,
                 aggregation_steps=self.settings.aggregation_steps, weights=list(self.settings.weights),
                 aggregation=self.settings.aggregation, deviation_steps=self.settings.deviation_step,
-                mean_mode=self.settings.mean_mode, sigma_table=sigma_table,
+                mean_mode=self.settings.mean_mode, sigma_table=model_sampling.sigmas,
                 make_step=lambda k: self._make_step(k, initial[k], seeds[k]), callback=on_step,
                 check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
             self.aux_denoised = [last_aux_denoised[k] for k in sorted(last_aux_denoised)]
