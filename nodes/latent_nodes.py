@@ -9,8 +9,8 @@ class AMDMSlerpLatentMerge:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "latent_a": ("LATENT",),
-            "latent_b": ("LATENT",),
+            "latent_a": ("LATENT", {"tooltip": "The first latent (e.g. the main branch's)."}),
+            "latent_b": ("LATENT", {"tooltip": "The second latent; same shape, or batch 1 to broadcast."}),
             "weight": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                                  "tooltip": "Weight of latent_b: 0 returns latent_a, 1 latent_b."}),
         }}

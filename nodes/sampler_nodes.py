@@ -54,27 +54,33 @@ class AMDMAggregateSampler:
     def INPUT_TYPES(cls):
         required = {
             "model": ("MODEL", {"tooltip": "The main branch's model: its image is the result."}),
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
+            "positive": ("CONDITIONING", {"tooltip": "The main branch's positive prompt (its caption)."}),
+            "negative": ("CONDITIONING", {"tooltip": "The main branch's negative prompt."}),
             "model_2": ("MODEL", {"tooltip": "Aux branch 2 (e.g. MIGC when the main branch is InteractDiffusion)."}),
-            "positive_2": ("CONDITIONING",),
-            "negative_2": ("CONDITIONING",),
-            "latent_image": ("LATENT",),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
-            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "positive_2": ("CONDITIONING", {"tooltip": "Aux branch 2's positive prompt."}),
+            "negative_2": ("CONDITIONING", {"tooltip": "Aux branch 2's negative prompt."}),
+            "latent_image": ("LATENT", {"tooltip": "The start latent (empty for txt2img, encoded for img2img)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                             "tooltip": "The main branch's noise seed (the same noise KSampler draws)."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "Sampling steps T."}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "CFG scale of the main branch."}),
             "cfg_2": _cfg_input(2),
             "sampler_name": (list(SUPPORTED_SAMPLERS), {"default": "ddim", "tooltip":
                              "Samplers AMDM can step branch by branch exactly (ddim = DDIM eta 0, the paper's)."}),
-            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "ddim_uniform"}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "ddim_uniform", "tooltip":
+                          "Noise schedule (ddim_uniform = the paper's DDIM timesteps)."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                                  "Fraction of the schedule to run (below 1 for img2img), as in KSampler."}),
             "weight_2": _weight_input(2),
         }
         required.update(_aggregation_inputs())
         optional = {}
         for branch in AUX_BRANCHES[1:]:
-            optional.update({f"model_{branch}": ("MODEL",), f"positive_{branch}": ("CONDITIONING",),
-                             f"negative_{branch}": ("CONDITIONING",), f"cfg_{branch}": _cfg_input(branch),
+            optional.update({f"model_{branch}": ("MODEL", {"tooltip": f"Aux branch {branch}'s model."}),
+                             f"positive_{branch}": ("CONDITIONING", {"tooltip": f"Branch {branch}'s positive prompt."}),
+                             f"negative_{branch}": ("CONDITIONING", {"tooltip": f"Branch {branch}'s negative prompt."}),
+                             f"cfg_{branch}": _cfg_input(branch),
                              f"weight_{branch}": _weight_input(branch)})
         return {"required": required, "optional": optional}
 
@@ -111,7 +117,8 @@ class AMDMGuiderNode:
         required.update(_aggregation_inputs())
         optional = {}
         for branch in AUX_BRANCHES[1:]:
-            optional.update({f"guider_{branch}": ("GUIDER",), f"weight_{branch}": _weight_input(branch)})
+            optional.update({f"guider_{branch}": ("GUIDER", {"tooltip": f"Aux branch {branch}."}),
+                             f"weight_{branch}": _weight_input(branch)})
         return {"required": required, "optional": optional}
 
     RETURN_TYPES = ("GUIDER",)

@@ -50,7 +50,7 @@ class InteractDiffusionApply:
             "conditioning": ("CONDITIONING", {"tooltip": "The positive conditioning (the negative gets null "
                                                          "objects automatically)."}),
             "clip": ("CLIP", {"tooltip": "The SD1.x CLIP; phrases are encoded to its pooled output."}),
-            "interactdiffusion": ("INTERACTDIFFUSION",),
+            "interactdiffusion": ("INTERACTDIFFUSION", {"tooltip": "From InteractDiffusion Loader."}),
             "interactions": ("STRING", {"multiline": True, "dynamicPrompts": False, "default": DEFAULT_INTERACTIONS,
                                         "tooltip": "One interaction per line: subject | action | object | "
                                                    "sx0, sy0, sx1, sy1 | ox0, oy0, ox1, oy1 (pixels); up to 30."}),

@@ -53,8 +53,8 @@ class AMDMIPAdapterApply:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL",),
-                "ipadapter": ("AMDM_IPADAPTER",),
+                "model": ("MODEL", {"tooltip": "An SD1.5 model; a patched clone is returned."}),
+                "ipadapter": ("AMDM_IPADAPTER", {"tooltip": "From IP-Adapter Loader (AMDM)."}),
                 "image": ("IMAGE", {"tooltip": "Reference image(s); several images are used together."}),
                 "weight": ("FLOAT", {"default": 0.8, "min": -1.0, "max": 5.0, "step": 0.05,
                                      "tooltip": "Scale of the image cross-attention (AMDM used 0.8)."}),

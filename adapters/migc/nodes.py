@@ -51,7 +51,7 @@ class MIGCApply:
             "required": {
                 "model": ("MODEL", {"tooltip": "SD1.x model; a patched copy is returned"}),
                 "clip": ("CLIP", {"tooltip": "the text encoder of the model, for the instance phrases"}),
-                "migc": ("MIGC",),
+                "migc": ("MIGC", {"tooltip": "From MIGC Loader."}),
                 "instances": ("STRING", {
                     "multiline": True, "default": "a red apple | 64, 256, 224, 416\na green pear | 288, 224, 448, 432",
                     "tooltip": "one instance per line: 'phrase | x0, y0, x1, y1' (pixels, top-left origin)"}),
