@@ -9,8 +9,8 @@ import torch
 
 import comfy.ldm.modules.attention
 import comfy.model_management
-from comfy.ldm.modules.attention import BasicTransformerBlock
 
+from ..unet_blocks import cross_attentions
 from .model import CROSS_ATTENTION_DIM, SD15_BLOCK_OF_INDEX
 
 # calc_cond_batch tags each batch chunk with its index in [positive, negative]
@@ -81,25 +81,12 @@ class IPAdapterAttention:
         return IPAdapterAttention(*moved, self.weight, self.sigma_start, self.sigma_end, inner)
 
 
-def _cross_attentions(diffusion_model, block):
-    """The attn2 modules inside one ComfyUI block ("input"|"middle"|"output", index)."""
-    kind, index = block
-    if kind == "middle":
-        module = diffusion_model.middle_block
-    else:
-        blocks = diffusion_model.input_blocks if kind == "input" else diffusion_model.output_blocks
-        module = blocks[index] if index < len(blocks) else None
-    if module is None:
-        return []
-    return [m.attn2 for m in module.modules() if isinstance(m, BasicTransformerBlock) and m.attn2 is not None]
-
-
 def check_model_fits(model, adapter):
     """Raise IPAdapterApplyError unless every adapter block is one SD1.5 cross-attention of the right width."""
     diffusion_model = model.get_model_object("diffusion_model")
     for block, n in adapter.index_of_block.items():
         width = adapter.to_k[block].shape[0]
-        attentions = _cross_attentions(diffusion_model, block)
+        attentions = cross_attentions(diffusion_model, block)
         if len(attentions) != 1:
             raise IPAdapterApplyError(
                 f"IP-Adapter '{adapter.source}' needs one cross-attention at {block} (ip_adapter.{n}); this "

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..boxes import normalise_box
+from ..unet_blocks import cross_attentions
 from .loader import block_name
 from .model import naive_fuse
 
@@ -187,20 +188,8 @@ class MIGCPatch:
 
 def find_attn2(diffusion_model, block):
     """The attn2 module of the first transformer of a UNet block key, or None."""
-    from comfy.ldm.modules.attention import SpatialTransformer
-
-    kind, index = block
-    if kind == "middle":
-        container = diffusion_model.middle_block
-    else:
-        blocks = diffusion_model.input_blocks if kind == "input" else diffusion_model.output_blocks
-        if index >= len(blocks):
-            return None
-        container = blocks[index]
-    for layer in container:
-        if isinstance(layer, SpatialTransformer) and getattr(layer.transformer_blocks[0], "attn2", None) is not None:
-            return layer.transformer_blocks[0].attn2
-    return None
+    attentions = cross_attentions(diffusion_model, block)
+    return attentions[0] if attentions else None
 
 
 def existing_migc(model_patcher):
