@@ -16,7 +16,6 @@ import time
 
 from .server import ComfyServer
 
-TINY_MODELS_NODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_models_node")
 CHROMIUM_CANDIDATES = ("/usr/lib/chromium/chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser")
 # Without the background-networking flags Chromium floods the closed network with connections.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
@@ -51,14 +50,10 @@ class ComfyUISession:
         self.playwright = playwright
         self.server_threads = server_threads
         self.install_pack = install_pack
+        self.tiny_models = tiny_models
         self.viewport = {"width": viewport[0], "height": viewport[1]}
         self.console = []
         self.server = None
-        os.makedirs(os.path.join(self.base_dir, "custom_nodes"), exist_ok=True)
-        if tiny_models:
-            link = os.path.join(self.base_dir, "custom_nodes", "amdm_tiny_models")
-            if not os.path.exists(link):
-                os.symlink(TINY_MODELS_NODE, link)
         settings_file = os.path.join(self.base_dir, "user", "default", "comfy.settings.json")
         os.makedirs(os.path.dirname(settings_file), exist_ok=True)
         with open(settings_file, "w") as fh:
@@ -67,15 +62,8 @@ class ComfyUISession:
     def __enter__(self):
         from playwright.sync_api import sync_playwright
 
-        saved = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = str(self.server_threads)  # read by ComfyServer for the child only
-        try:
-            self.server = ComfyServer(self.base_dir, install_pack=self.install_pack).start()
-        finally:
-            if saved is None:
-                del os.environ["OMP_NUM_THREADS"]
-            else:
-                os.environ["OMP_NUM_THREADS"] = saved
+        self.server = ComfyServer(self.base_dir, install_pack=self.install_pack, tiny_models=self.tiny_models,
+                                  threads=self.server_threads).start()
         try:
             if self._own_playwright:
                 self.playwright = sync_playwright().start()

@@ -16,6 +16,8 @@ import urllib.request
 
 from . import runtime
 
+# A test/demo-only custom node that registers the tiny model configs inside the server process.
+TINY_MODELS_NODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_models_node")
 _TOP_LEVEL_SKIP = {"models", "custom_nodes", "output", "input", "user", "temp", ".git",
                    "extra_model_paths.yaml", "tests", "tests-unit"}
 
@@ -42,9 +44,13 @@ def comfyui_copy(dest_root):
 
 
 class ComfyServer:
-    def __init__(self, base_dir, install_pack=True, extra_args=(), log_path=None):
+    def __init__(self, base_dir, install_pack=True, tiny_models=False, threads=None, extra_args=(), log_path=None):
+        """``tiny_models``: also install harness/tiny_models_node, so the server's loaders accept the tiny
+        test weights; ``threads``: the server's OMP_NUM_THREADS (default: this process's, else 2)."""
         self.base_dir = os.path.abspath(base_dir)
         self.install_pack = install_pack
+        self.tiny_models = tiny_models
+        self.threads = threads
         self.extra_args = list(extra_args)
         self.log_path = log_path or os.path.join(self.base_dir, "server.log")
         self.port = None
@@ -61,12 +67,16 @@ class ComfyServer:
         link = os.path.join(custom_nodes, runtime.PACK_DIR_NAME)
         if self.install_pack and not os.path.exists(link):
             os.symlink(runtime.PACK_ROOT, link)
+        tiny_link = os.path.join(custom_nodes, "amdm_tiny_models")
+        if self.tiny_models and not os.path.exists(tiny_link):
+            os.symlink(TINY_MODELS_NODE, tiny_link)
         self.port = free_port()
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", self.base_dir, "--database-url", "sqlite:///:memory:",
                "--disable-api-nodes", "--use-pytorch-cross-attention", "--preview-method", "none",
                *self.extra_args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+        threads = str(self.threads) if self.threads else os.environ.get("OMP_NUM_THREADS", "2")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads)
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(cmd, cwd=program, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout

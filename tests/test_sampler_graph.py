@@ -93,24 +93,8 @@ def test_executor_reports_bad_inputs_before_running(run_graph, tiny_checkpoint):
         run_graph(sampler_graph(tiny_checkpoint, "amdm_bad_window", aggregation_steps=9))
 
 
-TINY_MODELS_NODE = """# test helper: lets the server's CheckpointLoaderSimple detect the tiny SD1.5 checkpoint
-import importlib.util
-spec = importlib.util.spec_from_file_location("amdm_test_tiny_models", {path!r})
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-module.register_tiny_sd15()
-NODE_CLASS_MAPPINGS = {{}}
-"""
-
-
-def test_server_runs_the_sampler_over_http(comfy_server, tmp_path, monkeypatch, tiny_checkpoint, direct_result):
-    from harness import tiny_models
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the server's torch threads, as in direct_result
-    helper = tmp_path / "server_base_0" / "custom_nodes" / "amdm_test_tiny_models"  # the base comfy_server uses
-    helper.mkdir(parents=True)
-    (helper / "__init__.py").write_text(TINY_MODELS_NODE.format(path=tiny_models.__file__))
-    server = comfy_server()
+def test_server_runs_the_sampler_over_http(comfy_server, tiny_checkpoint, direct_result):
+    server = comfy_server(tiny_models=True, threads=1)  # one torch thread, as in direct_result
     history = server.wait(server.queue(sampler_graph(tiny_checkpoint, "amdm_http")))
     assert history["status"]["status_str"] == "success"
     assert torch.equal(saved_latent(os.path.join(server.base_dir, "output"), "amdm_http"), direct_result)
