@@ -6,6 +6,7 @@ PYTHON := .venv/bin/python
 .PHONY: env test demo bench
 env:
 	@bash scripts/setup_env.sh
+	@bash scripts/setup_frontends.sh
 
 test: env
 	@bash scripts/setup_browser.sh

@@ -18,6 +18,7 @@ from . import runtime
 
 # A test/demo-only custom node that registers the tiny model configs inside the server process.
 TINY_MODELS_NODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_models_node")
+FRONTENDS_DIR = os.path.join(runtime.PACK_ROOT, ".frontends")
 _TOP_LEVEL_SKIP = {"models", "custom_nodes", "output", "input", "user", "temp", ".git",
                    "extra_model_paths.yaml", "tests", "tests-unit"}
 
@@ -26,6 +27,15 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def frontend_root(version):
+    """The static folder of frontend ``version`` installed by scripts/setup_frontends.sh."""
+    root = os.path.join(FRONTENDS_DIR, version, "comfyui_frontend_package", "static")
+    if not os.path.isfile(os.path.join(root, "index.html")):
+        raise FileNotFoundError(f"frontend {version} is not installed at {root}: run `make env` "
+                                f"(or FRONTENDS={version} bash scripts/setup_frontends.sh)")
+    return root
 
 
 def comfyui_copy(dest_root):
@@ -44,10 +54,14 @@ def comfyui_copy(dest_root):
 
 
 class ComfyServer:
-    def __init__(self, base_dir, install_pack=True, tiny_models=False, threads=None, extra_args=(), log_path=None):
+    def __init__(self, base_dir, install_pack=True, tiny_models=False, threads=None, extra_args=(), log_path=None,
+                 frontend=None):
         """``tiny_models``: also install harness/tiny_models_node, so the server's loaders accept the tiny
-        test weights; ``threads``: the server's OMP_NUM_THREADS (default: this process's, else 2)."""
+        test weights; ``threads``: the server's OMP_NUM_THREADS (default: this process's, else 2);
+        ``frontend``: a frontend version from .frontends/ served with --front-end-root (None: the one
+        installed in the venv)."""
         self.base_dir = os.path.abspath(base_dir)
+        self.frontend = frontend
         self.install_pack = install_pack
         self.tiny_models = tiny_models
         self.threads = threads
@@ -75,6 +89,8 @@ class ComfyServer:
                "--base-directory", self.base_dir, "--database-url", "sqlite:///:memory:",
                "--disable-api-nodes", "--use-pytorch-cross-attention", "--preview-method", "none",
                *self.extra_args]
+        if self.frontend:
+            cmd += ["--front-end-root", frontend_root(self.frontend)]
         threads = str(self.threads) if self.threads else os.environ.get("OMP_NUM_THREADS", "2")
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads)
         self._log = open(self.log_path, "w")

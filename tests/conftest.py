@@ -90,14 +90,14 @@ def comfy_server(pack, tmp_path, tiny_checkpoint, comfy_base):
 
     started = []
 
-    def start(install_pack=True, link_checkpoint=True, tiny_models=False, threads=None, extra_args=()):
+    def start(install_pack=True, link_checkpoint=True, tiny_models=False, threads=None, extra_args=(), frontend=None):
         base = tmp_path / f"server_base_{len(started)}"
         if link_checkpoint:
             ckpt_dir = base / "models" / "checkpoints"
             ckpt_dir.mkdir(parents=True)
             os.symlink(os.path.join(comfy_base, "models", "checkpoints", tiny_checkpoint), ckpt_dir / tiny_checkpoint)
         server = ComfyServer(str(base), install_pack=install_pack, tiny_models=tiny_models, threads=threads,
-                             extra_args=extra_args)
+                             extra_args=extra_args, frontend=frontend)
         started.append(server)
         return server.start()
 

@@ -1,4 +1,9 @@
-"""Guard tests: the runtime is the real ComfyUI, the tiny models are not degenerate, the pack loads."""
+"""Guard tests: the runtime is the real ComfyUI, the tiny models are not degenerate, the pack loads, the
+server serves each frontend of the matrix."""
+import os
+import urllib.request
+
+import pytest
 import torch
 
 
@@ -43,3 +48,14 @@ def test_server_lists_pack_nodes_in_object_info(comfy_server, pack):
     info = server.get("/object_info")
     missing = [name for name in pack.NODE_CLASS_MAPPINGS if name not in info]
     assert not missing, f"/object_info lacks {missing}"
+
+
+@pytest.mark.parametrize("version", ["1.32.9", "1.58.1"])
+def test_server_serves_the_chosen_frontend(comfy_server, version):
+    from harness.server import frontend_root
+
+    server = comfy_server(frontend=version)
+    with urllib.request.urlopen(server.url + "/", timeout=30) as response:
+        served = response.read()
+    with open(os.path.join(frontend_root(version), "index.html"), "rb") as fh:
+        assert served == fh.read(), f"the server did not serve frontend {version}'s index.html"
