@@ -42,8 +42,10 @@ def run_graph(prompt, extra_data=None):
     if not valid[0]:
         raise GraphError(f"invalid prompt: {valid[1]} {valid[3]}", valid)
     server = _HeadlessServer()
+    # No node cache. ComfyUI reads cache_args by key and ignores keys it does not know, so this holds
+    # every key any supported version reads (0.33 added "ram_inactive", its RAM-pressure release target).
     executor = execution.PromptExecutor(server, cache_type=execution.CacheType.NONE,
-                                        cache_args={"lru": 0, "ram": 0})
+                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     # A client id makes ComfyUI send its per-node "executing" messages (node_timings reads them).
     executor.execute(prompt, prompt_id, {"client_id": "headless", **(extra_data or {})}, valid[2])
     if not executor.success:
