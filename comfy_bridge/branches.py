@@ -1,17 +1,6 @@
-"""Aux branches prepared as CFGGuider.sample would prepare them, and the switch between branches that
-share one UNet.
-
-The main branch runs ComfyUI's stock `CFGGuider.sample` path; the aux branches are stepped from inside
-it, so they get the same per-run preparation here (cond copies, hook preprocessing, a model_options
-clone, `prepare_model_patcher`, `pre_run`, `process_conds`) and the same cleanup, in `finally`.
-Their models are loaded by the main branch's single `load_models_gpu` (see guider.py).
-"""
-import copy
-
-import comfy.hooks
-import comfy.model_patcher
+"""What the branches share: the models their conditioning needs loaded, and the switch between branches
+whose patchers are clones of one UNet."""
 import comfy.sampler_helpers
-import comfy.samplers
 
 
 def cond_models(guider):
@@ -19,63 +8,6 @@ def cond_models(guider):
     `prepare_sampling` collects them."""
     models, _ = comfy.sampler_helpers.get_additional_models(guider.original_conds, guider.model_patcher.model_dtype())
     return models
-
-
-class PreparedBranch:
-    """One aux branch during a run: a shallow copy of its guider (the user's guider is never modified),
-    prepared on enter() and restored on exit()."""
-
-    def __init__(self, guider):
-        self.guider = copy.copy(guider)
-        self.patcher = guider.model_patcher
-        self.denoiser = None
-        self.extra_args = None
-        self._entered = False
-
-    def enter(self, noise, latent_image, denoise_mask, sigmas, seed):
-        """latent_image is the main branch's, already `process_latent_in`-ed (the branches share a latent
-        format); noise is this branch's own noise (used by inpainting masks)."""
-        guider, patcher = self.guider, self.patcher
-        device = patcher.load_device
-        guider.conds = {k: [c.copy() for c in conds] for k, conds in guider.original_conds.items()}
-        comfy.samplers.preprocess_conds_hooks(guider.conds)
-        self._orig_hook_mode = patcher.hook_mode
-        guider.model_options = comfy.model_patcher.create_model_options_clone(guider.model_options)
-        self._entered = True
-        if comfy.samplers.get_total_hook_groups_in_conds(guider.conds) <= 1:
-            patcher.hook_mode = comfy.hooks.EnumHookMode.MinVram
-        comfy.sampler_helpers.prepare_model_patcher(patcher, guider.conds, guider.model_options)
-        comfy.samplers.filter_registered_hooks_on_conds(guider.conds, guider.model_options)
-        guider.inner_model = patcher.model
-        comfy.samplers.cast_to_load_options(guider.model_options, device=device, dtype=patcher.model_dtype())
-        patcher.pre_run()
-        guider.conds = comfy.samplers.process_conds(guider.inner_model, noise, guider.conds, device, latent_image,
-                                                    denoise_mask, seed, latent_shapes=[latent_image.shape])
-        model_options = comfy.model_patcher.create_model_options_clone(guider.model_options)
-        model_options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
-        self.extra_args = {"model_options": model_options, "seed": seed, "denoise_mask": denoise_mask}
-        self.denoiser = comfy.samplers.KSamplerX0Inpaint(guider, sigmas)
-        self.denoiser.latent_image = latent_image
-        self.denoiser.noise = noise
-
-    def __call__(self, x, sigma):
-        return self.denoiser(x, sigma, **self.extra_args)
-
-    def exit(self):
-        """Undo enter() (safe after a partial enter); mirrors outer_sample's and sample's finally blocks."""
-        if not self._entered:
-            return
-        guider, patcher = self.guider, self.patcher
-        try:
-            patcher.cleanup()
-            if hasattr(guider, "conds"):
-                comfy.sampler_helpers.cleanup_models(guider.conds, [])
-        finally:
-            comfy.samplers.cast_to_load_options(guider.model_options, device=patcher.offload_device)
-            patcher.hook_mode = self._orig_hook_mode
-            patcher.restore_hook_patches()
-            self.denoiser = self.extra_args = None
-            self._entered = False
 
 
 def _patch_state(patcher):

@@ -30,6 +30,12 @@ class AggregationSettings:
     mean_mode: str = "reference"
     noise: str = "independent"
 
+    @property
+    def is_no_op(self):
+        """True where aggregation changes nothing: s = 0, or every weight 0 with p = 0 (spec section 3)."""
+        return int(self.aggregation_steps) == 0 or (
+            all(float(w) == 0.0 for w in self.weights) and float(self.deviation_step) == 0.0)
+
     def validate(self, branch_count):
         if not 2 <= branch_count <= MAX_BRANCHES:
             raise AMDMInputError(

@@ -1,12 +1,16 @@
-"""AMDMGuider: several branches sampled in lockstep inside ComfyUI's own sampling path.
+"""AMDMGuider: several branches sampled in lockstep, each prepared by its own guider's stock path.
 
-The main branch runs the stock `CFGGuider.sample` of its own guider (so OUTER_SAMPLE / SAMPLER_SAMPLE
-wrappers, inpaint masks, denoise handling, `process_latent_in/out` and the "ddim" re-seed all stay stock)
-with a `LockstepSampler` in place of the user's SAMPLER. The aux patchers are attached to a clone of the
-main patcher as additional models, so ONE `load_models_gpu` loads every branch. Inside the sampler,
-amdm_core.run_lockstep steps every branch with step objects that reproduce the user's sampler exactly
-(per-branch noise for ancestral steps, per-branch history for DPM++ 2M), aggregates in the window and
-then continues the main branch alone.
+The seam (docs/nodes.md, "Design"): every branch, the main one and each aux one, runs its OWN guider's
+`sample()` exactly as SamplerCustomAdvanced would run it, with a `BranchCapture` in place of the user's
+SAMPLER. ComfyUI's stock path prepares the branch (cond copies, hooks, model_options clone,
+`prepare_model_patcher`, OUTER_SAMPLE / SAMPLER_SAMPLE wrappers, `prepare_sampling`, `pre_run`,
+`process_conds`, a guider's own `outer_sample` / `inner_sample` overrides, noise scaling) and hands the
+capture its denoiser; the capture records it and opens the next branch's `sample()` inside it. The
+innermost capture runs amdm_core.run_lockstep over all recorded denoisers; the result unwinds through
+every branch's own `finally` cleanup. No sequence of ComfyUI's sampling code is copied here.
+
+The aux patchers are attached to a clone of the main patcher as additional models, so the main branch's
+`prepare_sampling` loads every branch in ONE `load_models_gpu` call; the nested calls find them loaded.
 """
 import copy
 
@@ -16,130 +20,112 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 import torch
-from comfy.k_diffusion import sampling as k_sampling
 
-from ..amdm_core import AncestralStep, DPMPP2MStep, EulerStep, run_lockstep
-from .branches import PatcherSwitch, PreparedBranch, cond_models
-from .checks import (AMDMInputError, branch_name, check_compatible, check_guider, check_no_hooks, check_run)
+from ..amdm_core import run_lockstep
+from .branches import PatcherSwitch, cond_models
+from .checks import AMDMInputError, branch_name, check_compatible, check_guider, check_no_hooks, check_run
+from .sampler_plan import plan_sampler
 
-SUPPORTED_SAMPLERS = ("ddim", "euler", "euler_ancestral", "dpmpp_2m")
 ADDITIONAL_MODELS_KEY = "amdm_branches"
 
 
-def sampler_kind(sampler):
-    """Which amdm_core step reproduces this SAMPLER one step at a time: "euler" (also ComfyUI's "ddim"),
-    "euler_ancestral" or "dpmpp_2m"; anything else is refused before any model call."""
-    function = getattr(sampler, "sampler_function", None)
-    options = getattr(sampler, "extra_options", {}) or {}
-    if function is k_sampling.sample_euler:
-        if float(options.get("s_churn", 0.0)) > 0.0:
-            raise AMDMInputError("euler with s_churn > 0 adds unseeded noise and is not supported by AMDM; "
-                                 "use s_churn 0 or euler_ancestral")
-        return "euler"
-    if function is k_sampling.sample_euler_ancestral:
-        return "euler_ancestral"
-    if function is k_sampling.sample_dpmpp_2m:
-        return "dpmpp_2m"
-    name = getattr(function, "__name__", type(sampler).__name__).replace("sample_", "")
-    raise AMDMInputError(
-        f"sampler {name!r} cannot be stepped branch by branch by AMDM (multistep history / extra model calls "
-        f"per step); supported samplers: {', '.join(SUPPORTED_SAMPLERS)}")
+class _Branch:
+    """What one branch's stock path handed its capture: the denoiser (KSamplerX0Inpaint over the branch's
+    prepared guider), its start latent (noise already scaled for sigma_0) and its extra_args."""
+
+    def __init__(self, denoiser, x, extra_args, callback):
+        self.denoiser = denoiser
+        self.x = x
+        self.extra_args = extra_args
+        self.callback = callback
+        self.patcher = denoiser.inner_model.model_patcher
+
+    def __call__(self, x, sigma):
+        return self.denoiser(x, sigma, **self.extra_args)
 
 
-class LockstepSampler(comfy.samplers.KSAMPLER):
-    """A KSAMPLER whose sampler function runs amdm_core.run_lockstep over the main branch (the model the
-    stock path hands it) and the aux branches (prepared here)."""
+class _LockstepRun:
+    """One AMDM run: opens the branches one inside the other, then runs the loop in the innermost."""
 
-    def __init__(self, user_sampler, kind, aux_guiders, aux_noise, aux_seeds, settings):
-        super().__init__(self._lockstep, extra_options={}, inpaint_options=user_sampler.inpaint_options)
-        self.kind = kind
-        self.step_options = dict(user_sampler.extra_options or {})
+    def __init__(self, aux_guiders, aux_noise, aux_seeds, latent_image, sigmas, denoise_mask, plan, settings):
         self.aux_guiders = aux_guiders
         self.aux_noise = aux_noise
         self.aux_seeds = aux_seeds
+        self.latent_image = latent_image
+        self.sigmas = sigmas
+        self.denoise_mask = denoise_mask
+        self.plan = plan
         self.settings = settings
-        self.aux_denoised = []  # each aux branch's last x0 estimate, after a run
-        self._run = None
+        self.branches = []
+        self.final = None  # every branch's latent when the run ends
+        self.aux_denoised = []  # each aux branch's last x0 estimate
 
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-               disable_pbar=False):
-        self._run = {"main_guider": model_wrap, "latent_image": latent_image, "denoise_mask": denoise_mask,
-                     "max_denoise": self.max_denoise(model_wrap, sigmas)}
-        try:
-            return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
-                                  disable_pbar)
-        finally:
-            self._run = None
-
-    def _make_step(self, branch, x, seed):
-        if self.kind == "euler":
-            return EulerStep()
-        if self.kind == "dpmpp_2m":
-            return DPMPP2MStep()
-        # Exactly what sample_euler_ancestral builds: the SAMPLER's own noise sampler, else one seeded from
-        # the run's seed; aux branches get their own stream (never the main branch's object).
-        noise_sampler = self.step_options.get("noise_sampler") if branch == 0 else None
-        noise_sampler = noise_sampler or k_sampling.default_noise_sampler(x, seed=seed)
-        return AncestralStep(noise_sampler, eta=self.step_options.get("eta", 1.0),
-                             s_noise=self.step_options.get("s_noise", 1.0))
+    def enter(self, branch):
+        """Called by each branch's capture with its prepared denoiser; returns that branch's final latent."""
+        self.branches.append(branch)
+        index = len(self.branches)
+        if index <= len(self.aux_guiders):
+            # The next branch's own stock sample(), nested in this one: its preparation and cleanup are
+            # ComfyUI's; its capture calls enter() again. Inpaint noise is the branch's own noise (a
+            # "random" inpaint option would re-seed torch's global generator for every branch).
+            guider = copy.copy(self.aux_guiders[index - 1])
+            guider.sample(self.aux_noise[index - 1], self.latent_image, BranchCapture(self, {}), self.sigmas,
+                          denoise_mask=self.denoise_mask, callback=None, disable_pbar=True,
+                          seed=self.aux_seeds[index - 1])
+        else:
+            self.final = self._run()
+        return self.final[index - 1]
 
     @torch.no_grad()
-    def _lockstep(self, model, x, sigmas, extra_args=None, callback=None, disable=None):
-        run = self._run
-        main_guider = run["main_guider"]
-        main_patcher = main_guider.model_patcher
-        latent_image, denoise_mask = run["latent_image"], run["denoise_mask"]
-        model_sampling = main_guider.inner_model.model_sampling
-        seed = extra_args.get("seed")
-        branches = [PreparedBranch(g) for g in self.aux_guiders]
-        switch = PatcherSwitch([main_patcher] + [b.patcher for b in branches])
-        last_aux_denoised = {}
+    def _run(self):
+        branches = self.branches
+        main = branches[0]
+        sigmas = main.denoiser.sigmas
+        switch = PatcherSwitch([b.patcher for b in branches])
+        last_denoised = {}
+
+        def denoiser(index, branch):
+            def denoise(x, sigma):
+                switch.activate(branch.patcher)
+                last_denoised[index] = branch(x, sigma)
+                return last_denoised[index]
+            return denoise
+
+        def on_step(i, denoised, x_now):
+            if main.callback is not None:
+                main.callback({"i": i, "denoised": denoised, "x": x_now, "sigma": sigmas[i], "sigma_hat": sigmas[i]})
+
+        model_sampling = main.denoiser.inner_model.inner_model.model_sampling
+        settings = self.settings
         try:
-            aux_x = []
-            for branch, noise, branch_seed in zip(branches, self.aux_noise, self.aux_seeds):
-                noise = noise.to(x.device)
-                branch.enter(noise, latent_image, denoise_mask, sigmas, branch_seed)
-                aux_x.append(model_sampling.noise_scaling(sigmas[0], noise, latent_image, run["max_denoise"]))
-
-            def main_denoise(x_in, sigma):
-                switch.activate(main_patcher)
-                return model(x_in, sigma, **extra_args)
-
-            def aux_denoiser(index, branch):
-                def denoise(x_in, sigma):
-                    switch.activate(branch.patcher)
-                    last_aux_denoised[index] = branch(x_in, sigma)
-                    return last_aux_denoised[index]
-                return denoise
-
-            denoisers = [main_denoise] + [aux_denoiser(k, b) for k, b in enumerate(branches, start=1)]
-            initial = [x] + aux_x
-            seeds = [seed] + list(self.aux_seeds)
-
-            def on_step(i, denoised, x_now):
-                if callback is not None:
-                    callback({"i": i, "denoised": denoised, "x": x_now})
-
             result = run_lockstep(
-                denoisers, initial, sigmas,
-                aggregation_steps=self.settings.aggregation_steps, weights=list(self.settings.weights),
-                aggregation=self.settings.aggregation, deviation_steps=self.settings.deviation_step,
-                mean_mode=self.settings.mean_mode, sigma_table=model_sampling.sigmas,
-                make_step=lambda k: self._make_step(k, initial[k], seeds[k]), callback=on_step,
+                [denoiser(k, b) for k, b in enumerate(branches)], [b.x for b in branches], sigmas,
+                aggregation_steps=settings.aggregation_steps, weights=list(settings.weights),
+                aggregation=settings.aggregation, deviation_steps=settings.deviation_step,
+                mean_mode=settings.mean_mode, sigma_table=model_sampling.sigmas,
+                make_step=lambda k: self.plan.make_step(k, branches[k]), callback=on_step,
                 check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
-            self.aux_denoised = [last_aux_denoised[k] for k in sorted(last_aux_denoised)]
-            return result.x
         finally:
-            try:
-                for branch in reversed(branches):
-                    branch.exit()
-            finally:
-                switch.activate(main_patcher)  # the main branch's patches live again, as after its own run
+            switch.activate(main.patcher)  # the main branch's patches live again, as after its own run
+        self.aux_denoised = [last_denoised[k] for k in range(1, len(branches)) if k in last_denoised]
+        return result.branch_latents
+
+
+class BranchCapture(comfy.samplers.KSAMPLER):
+    """The SAMPLER one branch's own `guider.sample()` runs: KSAMPLER.sample builds the branch's denoiser
+    and start latent as for any sampler, then calls this function, which hands them to the run."""
+
+    def __init__(self, run, inpaint_options):
+        super().__init__(self._enter, extra_options={}, inpaint_options=inpaint_options)
+        self.run = run
+
+    def _enter(self, model, x, sigmas, extra_args=None, callback=None, disable=None):
+        return self.run.enter(_Branch(model, x, extra_args, callback))
 
 
 class AMDMGuider(comfy.samplers.CFGGuider):
-    """A GUIDER for SamplerCustomAdvanced: a main GUIDER plus aux GUIDERs (CFGGuider, DualCFGGuider,
-    PerpNegGuider ...) aggregated by AMDM. Validated on construction (before any step)."""
+    """A GUIDER for SamplerCustomAdvanced: a main GUIDER plus aux GUIDERs (any CFGGuider subclass, each
+    run with its own semantics) aggregated by AMDM. Validated on construction (before any step)."""
 
     is_amdm_guider = True
 
@@ -185,19 +171,64 @@ class AMDMGuider(comfy.samplers.CFGGuider):
             return latent_image
         check_run(sigmas, latent_image, self.model_patcher.get_model_object("latent_format"),
                   self.settings.aggregation_steps)
-        kind = sampler_kind(sampler)
+        plan = plan_sampler(sampler, self.settings)
         aux_noise, aux_seeds = self._aux_noise(noise, latent_image, seed)
-
+        if self.settings.is_no_op:
+            return self._sample_main_alone(noise, latent_image, sampler, sigmas, denoise_mask, callback,
+                                           disable_pbar, seed, aux_noise, aux_seeds)
         main = copy.copy(self.main_guider)
         main.model_patcher = self.main_guider.model_patcher.clone()
         attached = []
         for guider in self.aux_guiders:
             attached += [guider.model_patcher] + cond_models(guider)
         main.model_patcher.set_additional_models(ADDITIONAL_MODELS_KEY, attached)
-        lockstep = LockstepSampler(sampler, kind, self.aux_guiders, aux_noise, aux_seeds, self.settings)
-        output = main.sample(noise, latent_image, lockstep, sigmas, denoise_mask, callback, disable_pbar, seed)
-        self.last_aux_denoised = lockstep.aux_denoised
+        run = _LockstepRun(self.aux_guiders, aux_noise, aux_seeds, latent_image, sigmas, denoise_mask, plan,
+                           self.settings)
+        output = main.sample(noise, latent_image, BranchCapture(run, sampler.inpaint_options), sigmas, denoise_mask,
+                             callback, disable_pbar, seed)
+        self.last_aux_denoised = run.aux_denoised
         return output
+
+    def _sample_main_alone(self, noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
+                           aux_noise, aux_seeds):
+        """Settings under which AMDM changes nothing (s = 0, or every weight 0 and p = 0): the main branch
+        is the user's own sampler, run by its own guider, bit for bit. Every branch then enters step s
+        from the main latent (the aggregate of weight 0), so each aux branch's aux_denoised output is its
+        own guider's x0 estimate there (at step 0: from its own start noise). Model calls: T + (N - 1)."""
+        step = min(int(self.settings.aggregation_steps), sigmas.shape[-1] - 2)
+        entering = {}
+
+        def watch(i, denoised, x, total_steps):
+            if i == step:
+                entering["x"] = x.clone()
+            if callback is not None:
+                return callback(i, denoised, x, total_steps)
+
+        output = self.main_guider.sample(noise, latent_image, sampler, sigmas, denoise_mask, watch, disable_pbar,
+                                         seed)
+        for guider, branch_noise, branch_seed in zip(self.aux_guiders, aux_noise, aux_seeds):
+            evaluation = _DenoiseOnce(step, entering.get("x") if step > 0 else None)
+            copy.copy(guider).sample(branch_noise, latent_image, BranchCapture(evaluation, {}), sigmas,
+                                     denoise_mask, None, True, branch_seed)
+            self.last_aux_denoised.append(evaluation.denoised)
+        return output
+
+
+class _DenoiseOnce:
+    """A capture target that evaluates one branch's denoiser once, at step `step`, on latent x (None: the
+    branch's own start latent), instead of sampling."""
+
+    def __init__(self, step, x):
+        self.step = step
+        self.x = x
+        self.denoised = None
+
+    @torch.no_grad()
+    def enter(self, branch):
+        x = branch.x if self.x is None else self.x.to(branch.x)
+        sigma = branch.denoiser.sigmas[self.step]
+        self.denoised = branch(x, sigma * x.new_ones([x.shape[0]]))
+        return branch.x
 
 
 def aggregate_sample(branches, latent, seed, steps, sampler_name, scheduler, denoise, settings):
@@ -205,8 +236,6 @@ def aggregate_sample(branches, latent, seed, steps, sampler_name, scheduler, den
 
     branches: [(model, positive, negative, cfg), ...], main first. Returns (main LATENT, aux x0 LATENT).
     """
-    if sampler_name not in SUPPORTED_SAMPLERS:
-        raise AMDMInputError(f"sampler {sampler_name!r} is not supported by AMDM; choose one of {SUPPORTED_SAMPLERS}")
     guiders = []
     for index, (model, positive, negative, cfg) in enumerate(branches):
         if model is None or positive is None or negative is None:

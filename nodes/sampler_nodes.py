@@ -4,7 +4,8 @@ import comfy.samplers
 
 from ..amdm_core import AGGREGATION_MODES, MEAN_MODES
 from ..comfy_bridge.checks import NOISE_MODES, AggregationSettings
-from ..comfy_bridge.guider import SUPPORTED_SAMPLERS, AMDMGuider, aggregate_sample
+from ..comfy_bridge.guider import AMDMGuider, aggregate_sample
+from ..comfy_bridge.sampler_plan import EXACT_SAMPLERS
 
 CATEGORY = "sampling/amdm"
 AUX_BRANCHES = (2, 3, 4)  # branch 2 is required, 3 and 4 optional
@@ -66,7 +67,7 @@ class AMDMAggregateSampler:
             "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                               "tooltip": "CFG scale of the main branch."}),
             "cfg_2": _cfg_input(2),
-            "sampler_name": (list(SUPPORTED_SAMPLERS), {"default": "ddim", "tooltip":
+            "sampler_name": (list(EXACT_SAMPLERS), {"default": "ddim", "tooltip":
                              "Samplers AMDM can step branch by branch exactly (ddim = DDIM eta 0, the paper's)."}),
             "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "ddim_uniform", "tooltip":
                           "Noise schedule (ddim_uniform = the paper's DDIM timesteps)."}),

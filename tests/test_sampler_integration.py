@@ -92,37 +92,46 @@ def test_each_branch_attn2_patch_runs_only_in_its_own_calls(pack, tiny_model, co
     assert tiny_model.model.current_patcher is None
 
 
-def test_one_load_models_gpu_loads_every_branch(pack, tiny_model, conds, monkeypatch):
+def test_the_first_load_models_gpu_loads_every_branch(pack, tiny_model, conds, monkeypatch):
+    """The main branch's stock path loads every branch in one call; the nested calls of the aux branches'
+    own stock paths then ask only for models that are already loaded (nothing is unloaded or re-loaded)."""
     from comfy import model_management
     from harness import tiny_models
 
     loads = []
     real_load = model_management.load_models_gpu
 
+    def is_loaded(model):
+        return any(loaded.model is model for loaded in model_management.current_loaded_models)
+
     def recording_load(models, *args, **kwargs):
-        loads.append(list(models))
+        models = list(models)
+        loads.append((models, all(is_loaded(m) for m in models)))
         return real_load(models, *args, **kwargs)
 
     monkeypatch.setattr(model_management, "load_models_gpu", recording_load)
+    model_management.unload_all_models()
     aux_same, aux_other = tiny_model.clone(), tiny_models.tiny_model_patcher(seed=2)
     aux = [(aux_same, conds[2], conds[3], 7.5), (aux_other, conds[4], conds[5], 7.5)]
     with torch.no_grad():
         amdm(pack, (tiny_model, conds[0], conds[1]), aux, empty_latent(), steps=3, s=1)
-    assert len(loads) == 1, f"{len(loads)} load_models_gpu calls for one AMDM run"
-    loaded = loads[0]
-    assert any(m is aux_same for m in loaded) and any(m is aux_other for m in loaded)
-    assert any(m.model is tiny_model.model and m is not aux_same for m in loaded), "the main branch was not loaded"
+    assert len(loads) == 3, "one load for the run, then one per aux branch's own stock path"
+    first, already_loaded = loads[0]
+    assert not already_loaded
+    assert any(m is aux_same for m in first) and any(m is aux_other for m in first)
+    assert any(m.model is tiny_model.model and m is not aux_same for m in first), "the main branch was not loaded"
+    assert all(already for _, already in loads[1:]), "a nested branch asked for a model the first call had not loaded"
 
 
-def test_lora_on_one_clone_equals_running_that_branch_on_a_deep_copy(comfy, pack, tiny_model, conds):
-    from comfy import model_patcher
+def test_lora_on_one_clone_equals_running_that_branch_on_a_separate_unet(comfy, pack, tiny_model, conds):
+    from harness import tiny_models
 
     lora = tiny_lora(tiny_model)
     snapshot = unet_snapshot(tiny_model)
     shared = with_lora(tiny_model, lora)
-    copied_model = copy.deepcopy(tiny_model.model)
-    separate = with_lora(model_patcher.ModelPatcher(copied_model, tiny_model.load_device,
-                                                          tiny_model.offload_device), lora)
+    twin = tiny_models.tiny_model_patcher(seed=0)  # a second UNet with the same weights
+    assert twin.model is not tiny_model.model and same_weights(twin, snapshot)
+    separate = with_lora(twin, lora)
     main = (tiny_model, conds[0], conds[1])
 
     def run(aux_model, **settings):
@@ -131,8 +140,8 @@ def test_lora_on_one_clone_equals_running_that_branch_on_a_deep_copy(comfy, pack
                         **settings)[0]
 
     on_shared_unet = run(shared, s=3)
-    on_deep_copy = run(separate, s=3)
-    assert torch.equal(on_shared_unet, on_deep_copy)
+    on_separate_unet = run(separate, s=3)
+    assert torch.equal(on_shared_unet, on_separate_unet)
     assert (on_shared_unet - run(tiny_model.clone(), s=3)).abs().max() > 1e-3, "the LoRA had no effect"
     # The main branch gets its own (unpatched) weights back for every call in between the LoRA branch's calls.
     silent = run(shared, s=3, weights=[0.0], p=0.0)
