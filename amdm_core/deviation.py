@@ -9,7 +9,7 @@ import torch
 
 from .schedule import one_step_alpha
 
-MEAN_MODES = ("reference", "exact")
+MEAN_MODES = ("auto", "reference", "exact")
 
 _ZERO_DISTANCE = 1e-12  # |xbar - mu| below this: already at the mean, no direction to move in
 
@@ -31,6 +31,23 @@ def deviation_correct(xbar_vp, mu_vp, p):
     |xbar - mu| is (near) zero. p is an absolute length in VP latent units (default 0.3 in the paper)."""
     direction = deviation_direction(xbar_vp, mu_vp)
     return (xbar_vp.float() - float(p) * direction.float()).to(xbar_vp.dtype)
+
+
+def resolve_mean_mode(mean_mode, sigma_table):
+    """The mean mode a run uses: "auto" is "reference" where the model has a 1000-step discrete DDPM
+    table (sigma_table not None) and "exact" where it has none (e.g. rectified flow); "reference"
+    without a table is an error (its formula is defined on that table)."""
+    if mean_mode not in MEAN_MODES:
+        raise ValueError(f"unknown mean_mode {mean_mode!r}; choose one of {MEAN_MODES}")
+    if mean_mode == "auto":
+        return "exact" if sigma_table is None else "reference"
+    if mean_mode == "reference" and sigma_table is None:
+        raise ValueError(
+            "mean_mode 'reference' needs sigma_table, the model's 1000-step discrete DDPM sigma table "
+            "(ComfyUI: model_sampling.sigmas of an eps / v-prediction model); this model has none (for example "
+            "a rectified-flow model): use mean_mode 'auto' or 'exact'"
+        )
+    return mean_mode
 
 
 def reference_mean(x_vp, eps_prev, t_prev, sigma_table):

@@ -2,28 +2,31 @@
 
 A branch is a callable denoise(x, sigma) -> D (the CFG-combined x0 estimate, as ComfyUI's guiders
 return it), called with sigma as a float tensor of shape [batch] (sigma_i * ones(batch), exactly as
-k-diffusion samplers call their model). Branch 0 is the main branch.
+k-diffusion samplers call their model). Branch 0 is the main branch. Latents live in the family's
+NoiseSpace, x = a(sigma) x0 + b(sigma) eps (docs/algorithm.md); EPS_SPACE (a = 1, b = sigma) by default.
 
     for i = 0 .. T-1:
         every active branch k (aux branches only while i <= s):
-            D_k = denoise_k(x_k, sigma_i);  eps_k = (x_k - D_k) / sigma_i
-            y_k = step_k(x_k, D_k, sigma_i, sigma_{i+1})
+            D_k = denoise_k(x_k, sigma_i);  eps_k = (x_k - a_i D_k) / b_i
+            y_k = step_k(x_k, D_k, sigma_i, sigma_{i+1}, denoise_k)   # may call denoise_k again
         if 1 <= i <= s:                                   # step 0 is never aggregated
             xbar = aggregate(y_0 .. y_{N-1}; weights)
             every branch k:  y_k = deviation_correct(xbar, mu_k, p_k)    (VP space at sigma_{i+1})
         every active branch k:  E_k = eps_k;  x_k = y_k
 
 mu_k ("reference"): reference_mean(VP of x_k at sigma_i, E_k, timestep of sigma_{i-1});
-mu_k ("exact"): the branch's deterministic DDIM mean x_k + (sigma_{i+1} - sigma_i) eps_k, in VP.
-Model calls: T + (N - 1)(s + 1), with s clamped to T - 1.
+mu_k ("exact"): the branch's deterministic DDIM mean x_k + (sigma_{i+1} - sigma_i)(x_k - D_k)/sigma_i, in
+VP (DDIM for eps and rectified-flow spaces alike, docs/algorithm.md); "auto": reference where the model
+has a DDPM table, else exact.
+Model calls: sum over the steps each branch runs of its step's calls (`expected_model_calls`).
 """
 from dataclasses import dataclass
 
 import torch
 
 from .aggregation import AGGREGATION_MODES, aggregate
-from .deviation import MEAN_MODES, deviation_direction, reference_mean
-from .schedule import from_vp, timestep_of_sigma, to_vp
+from .deviation import deviation_direction, reference_mean, resolve_mean_mode
+from .schedule import EPS_SPACE, from_vp, timestep_of_sigma, to_vp
 from .steps import EulerStep
 
 
@@ -31,15 +34,26 @@ from .steps import EulerStep
 class LockstepResult:
     x: torch.Tensor  # main branch latent after the last step run
     branch_latents: list  # every branch's latent (index 0 = main) at the end of the window / run
-    branch_eps: list  # every branch's last eps (needed to continue)
-    model_calls: int  # denoiser calls made
+    branch_eps: list  # every branch's last eps, (x - a D) / b of its last step
+    model_calls: int  # denoiser calls made (the loop's and the steps' own)
     steps_done: int
 
 
-def expected_model_calls(steps, branches, aggregation_steps):
-    """T + (N - 1)(s + 1) with s clamped to [0, T - 1]: aux branches run steps 0 .. s only."""
-    window = min(max(int(aggregation_steps), 0), int(steps) - 1)
-    return int(steps) + (int(branches) - 1) * (window + 1)
+def expected_model_calls(steps, branches, aggregation_steps, step_type=EulerStep, ends_at_zero=True):
+    """Denoiser calls of a run: the main branch runs steps 0 .. T-1, each aux branch steps 0 .. s (s
+    clamped to [0, T - 1]); a step costs step_type.CALLS_PER_STEP calls, or step_type.CALLS_TO_ZERO when it
+    ends at sigma 0 (the last step when ends_at_zero, as in every ComfyUI schedule).
+    One call per step (euler, ddim, ancestral, dpmpp_2m, the SDE multistep samplers, lms, lcm, ...):
+    T + (N - 1)(s + 1). Two per step but one at the end (heun, dpmpp_sde):
+    2T - 1 + (N - 1)(2(s + 1) - [s = T - 1])."""
+    steps = int(steps)
+    window = min(max(int(aggregation_steps), 0), steps - 1)
+
+    def calls(count):  # calls of steps 0 .. count-1
+        last_to_zero = ends_at_zero and count == steps
+        return (count - last_to_zero) * step_type.CALLS_PER_STEP + last_to_zero * step_type.CALLS_TO_ZERO
+
+    return calls(steps) + (int(branches) - 1) * calls(window + 1)
 
 
 def _per_branch(value, count, name):
@@ -50,7 +64,7 @@ def _per_branch(value, count, name):
     return [float(value)] * count
 
 
-def _validate(denoisers, initial_latents, sigmas, aggregation_steps, weights, aggregation, mean_mode, sigma_table):
+def _validate(denoisers, initial_latents, sigmas, aggregation_steps, weights, aggregation):
     n = len(denoisers)
     if n < 1:
         raise ValueError("run_lockstep needs at least one branch (the main one)")
@@ -75,13 +89,18 @@ def _validate(denoisers, initial_latents, sigmas, aggregation_steps, weights, ag
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATION_MODES}")
     if aggregation == "paper" and n > 3:
         raise ValueError(f"aggregation 'paper' is defined for 2 or 3 branches, got {n}; use 'sequential'")
-    if mean_mode not in MEAN_MODES:
-        raise ValueError(f"unknown mean_mode {mean_mode!r}; choose one of {MEAN_MODES}")
-    if mean_mode == "reference" and n > 1 and int(aggregation_steps) >= 1 and sigma_table is None:
-        raise ValueError(
-            "mean_mode 'reference' needs sigma_table, the model's 1000-entry discrete sigma table "
-            "(ComfyUI: model_sampling.sigmas)"
-        )
+
+
+class _CountedDenoiser:
+    """A branch's denoiser that counts its calls (the loop's and its step's own)."""
+
+    def __init__(self, denoise):
+        self.denoise = denoise
+        self.calls = 0
+
+    def __call__(self, x, sigma):
+        self.calls += 1
+        return self.denoise(x, sigma)
 
 
 def run_lockstep(
@@ -93,8 +112,9 @@ def run_lockstep(
     weights,
     aggregation="sequential",
     deviation_steps=0.3,
-    mean_mode="reference",
+    mean_mode="auto",
     sigma_table=None,
+    space=EPS_SPACE,
     make_step=lambda branch_index: EulerStep(),
     callback=None,
     check_interrupt=None,
@@ -103,56 +123,63 @@ def run_lockstep(
     """Sample N branches in lockstep with AMDM aggregation during steps 1 .. s (module docstring).
 
     denoisers[k](x, sigma[batch]) -> D; initial_latents[k]: branch k's start x (noise already scaled for
-    sigmas[0]); sigmas: 1-D, T + 1 entries; aggregation_steps: s; weights: one per aux branch;
-    deviation_steps: p for every branch or a list of p_k; sigma_table: the 1000-entry table (required for
-    mean_mode "reference"); make_step(k) -> the step object of branch k; callback(i, main D, main x after
-    step i); check_interrupt() before each step (raise to stop); stop_after_window: return right after
-    step s, leaving the tail to the caller.
+    sigmas[0]); sigmas: 1-D, T + 1 entries (0-dim entries are handed to the steps); aggregation_steps: s;
+    weights: one per aux branch; deviation_steps: p for every branch or a list of p_k; mean_mode: "auto",
+    "reference" or "exact"; sigma_table: the model's 1000-step discrete DDPM sigma table, None where it has
+    none (required for "reference"); space: the family's NoiseSpace (x = a x0 + b eps); make_step(k) -> the
+    step object of branch k (called step(x, D, sigma, sigma_next, denoise_k)); callback(i, main D, main x
+    after step i); check_interrupt() before each step (raise to stop); stop_after_window: return right
+    after step s, leaving the tail to the caller.
     """
     weights = list(weights)
-    _validate(denoisers, initial_latents, sigmas, aggregation_steps, weights, aggregation, mean_mode, sigma_table)
+    _validate(denoisers, initial_latents, sigmas, aggregation_steps, weights, aggregation)
     n = len(denoisers)
+    mean_mode = resolve_mean_mode(mean_mode, sigma_table)
     total_steps = sigmas.numel() - 1
     window = min(int(aggregation_steps), total_steps - 1)
     p = _per_branch(deviation_steps, n, "deviation_steps")
-    steps = [make_step(k) for k in range(n)]
     # Host copies for the scalar look-ups (timesteps, alphas): on an accelerator each would be a sync.
     host_sigmas = sigmas.detach().cpu()
     host_table = sigma_table.detach().cpu() if isinstance(sigma_table, torch.Tensor) else sigma_table
+    if n > 1 and window >= 1:
+        space.check(host_sigmas[0])
+    counted = [_CountedDenoiser(d) for d in denoisers]
+    steps = [make_step(k) for k in range(n)]
 
     x = list(initial_latents)
     eps_prev = [None] * n
     s_in = x[0].new_ones([x[0].shape[0]])
-    model_calls = 0
     steps_done = 0
     for i in range(total_steps):
         if check_interrupt is not None:
             check_interrupt()
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         active = range(n) if i <= window else range(1)
+        aggregated = n > 1 and 1 <= i <= window
         y = list(x)
         eps = list(eps_prev)
+        slope = [None] * n
         main_denoised = None
         for k in active:
-            denoised = denoisers[k](x[k], sigma * s_in)
-            model_calls += 1
-            eps[k] = (x[k] - denoised) / sigma
-            y[k] = steps[k](x[k], denoised, sigma, sigma_next)
+            denoised = counted[k](x[k], sigma * s_in)
+            slope[k] = (x[k] - denoised) / sigma  # the Euler derivative; = eps for eps models
+            eps[k] = slope[k] if space is EPS_SPACE else space.eps(x[k], denoised, sigma)
+            y[k] = steps[k](x[k], denoised, sigma, sigma_next, counted[k])
             if k == 0:
                 main_denoised = denoised
 
-        if n > 1 and 1 <= i <= window:
+        if aggregated:
             xbar = aggregate(y, weights, aggregation)
-            xbar_vp = to_vp(xbar, sigma_next)
+            xbar_vp = to_vp(xbar, sigma_next, space)
             t_prev = timestep_of_sigma(host_sigmas[i - 1], host_table) if mean_mode == "reference" else None
             for k in range(n):
                 if mean_mode == "reference":
-                    mu = reference_mean(to_vp(x[k], sigma), eps_prev[k], t_prev, host_table)
+                    mu = reference_mean(to_vp(x[k], sigma, space), eps_prev[k], t_prev, host_table)
                 else:
-                    mu = to_vp(x[k] + eps[k] * (sigma_next - sigma), sigma_next)
+                    mu = to_vp(x[k] + slope[k] * (sigma_next - sigma), sigma_next, space)
                 # from_vp is linear: step in VP, then scale only the correction back, so p = 0 leaves
                 # xbar bit-identical (no round trip through VP).
-                y[k] = xbar - p[k] * from_vp(deviation_direction(xbar_vp, mu), sigma_next)
+                y[k] = xbar - p[k] * from_vp(deviation_direction(xbar_vp, mu), sigma_next, space)
 
         for k in active:
             x[k], eps_prev[k] = y[k], eps[k]
@@ -163,5 +190,6 @@ def run_lockstep(
             break
 
     return LockstepResult(
-        x=x[0], branch_latents=list(x), branch_eps=list(eps_prev), model_calls=model_calls, steps_done=steps_done
+        x=x[0], branch_latents=list(x), branch_eps=list(eps_prev), model_calls=sum(c.calls for c in counted),
+        steps_done=steps_done,
     )

@@ -1,9 +1,15 @@
-"""ComfyUI sigma space <-> the paper's variance-preserving (VP) space, for SD1.x-style eps models.
+"""ComfyUI sigma space <-> the paper's variance-preserving (VP) space, for every model family.
 
-ComfyUI's k-diffusion samplers carry ``x = x0 + sigma * eps`` ("sigma space"). The paper works with
-``x_vp = sqrt(abar) * x0 + sqrt(1 - abar) * eps``. With ``abar = 1 / (1 + sigma^2)`` the two are related by
+ComfyUI's k-diffusion samplers carry ``x = a(sigma) x0 + b(sigma) eps`` (docs/algorithm.md, section
+"One space for every family"): a = 1, b = sigma for eps / v-prediction / EDM / x0 models ("sigma
+space"), a = 1 - sigma, b = sigma for rectified flow. The paper works with
+``x_vp = sqrt(abar) * x0 + sqrt(1 - abar) * eps``; the VP latent with the same signal-to-noise ratio is
 
-    x_vp = x / sqrt(1 + sigma^2)
+    x_vp = x / sqrt(a^2 + b^2),      abar = a^2 / (a^2 + b^2)
+
+(for eps models x_vp = x / sqrt(1 + sigma^2), abar = 1 / (1 + sigma^2)). A `NoiseSpace` holds a(sigma)
+and b(sigma); `EPS_SPACE` and `FLOW_SPACE` are the two closed forms, `NoiseSpace.from_noise_scaling`
+reads them off a model's own noise scaling.
 
 The 1000-entry ``sigma_table`` is what ComfyUI's ``model_sampling.sigmas`` holds: ascending, entry t is
 the sigma of discrete training timestep t, ``sigma_t = sqrt((1 - abar_t) / abar_t)``.
@@ -36,16 +42,100 @@ def _broadcast_sigma(sigma, x):
     return sigma.reshape([-1] + [1] * (x.ndim - 1))
 
 
-def to_vp(x, sigma):
-    """x_vp = x / sqrt(1 + sigma^2). sigma: a number, a 0-dim tensor or one value per batch item."""
-    s = _broadcast_sigma(sigma, x)
-    return x / (1.0 + s**2) ** 0.5
+class NoiseSpace:
+    """The space a family's sampler carries x in: x = a(sigma) x0 + b(sigma) eps.
+
+    name: for messages; scales: sigma -> (a, b), each a number or a tensor shaped like sigma (a 0-dim
+    tensor, or one value per batch item). Its VP latent is x / sqrt(a^2 + b^2) (docs/algorithm.md).
+    """
+
+    def __init__(self, name, scales):
+        self.name = name
+        self._scales = scales
+
+    def __repr__(self):
+        return f"NoiseSpace({self.name!r})"
+
+    @classmethod
+    def from_noise_scaling(cls, noise_scaling, name="model"):
+        """The space of a model whose noise scaling is `noise_scaling(sigma, noise, latent)` -> the
+        latent at sigma (ComfyUI: model_sampling.noise_scaling with max_denoise=False):
+            a(sigma) = noise_scaling(sigma, 0, 1),   b(sigma) = noise_scaling(sigma, 1, 0)."""
+
+        def scales(sigma):
+            sigma = torch.as_tensor(sigma)
+            shape = sigma.reshape(-1).shape  # one value per batch item (or one)
+            ones = torch.ones(shape, dtype=sigma.dtype if sigma.is_floating_point() else torch.float32,
+                              device=sigma.device)
+            zeros = torch.zeros_like(ones)
+            a = noise_scaling(sigma, zeros.clone(), ones.clone())
+            b = noise_scaling(sigma, ones.clone(), zeros.clone())
+            return a.reshape(shape), b.reshape(shape)
+
+        return cls(name, scales)
+
+    def scales(self, sigma, like):
+        """(a, b) at sigma, each a tensor broadcast over the latent `like` (per batch item where sigma
+        is [B]), in like's dtype."""
+        a, b = self._scales(sigma)
+        return _broadcast_sigma(a, like), _broadcast_sigma(b, like)
+
+    def vp_scale(self, sigma, like):
+        """sqrt(a^2 + b^2), broadcast over `like`: x_vp = x / vp_scale."""
+        a, b = self.scales(sigma, like)
+        return (a**2 + b**2) ** 0.5
+
+    def eps(self, x, denoised, sigma):
+        """The noise in a latent x whose x0 estimate is D: eps = (x - a D) / b (needs b > 0)."""
+        a, b = self.scales(sigma, x)
+        return (x - a * denoised) / b
+
+    def alpha_bar(self, sigma):
+        """abar = a^2 / (a^2 + b^2) at a scalar sigma, as a Python float (float64 math)."""
+        a, b = self.scales(torch.as_tensor(sigma, dtype=torch.float64), torch.zeros((), dtype=torch.float64))
+        return float(a**2 / (a**2 + b**2))
+
+    def check(self, sigma):
+        """Raise ValueError unless the latent at sigma > 0 holds noise: b(sigma) > 0, a(sigma) >= 0, finite."""
+        a, b = self.scales(torch.as_tensor(sigma, dtype=torch.float64), torch.zeros((), dtype=torch.float64))
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())
+                and bool((b > 0).all()) and bool((a >= 0).all())):
+            raise ValueError(
+                f"the noise space {self.name!r} gives signal scale a = {a.tolist()} and noise scale b = {b.tolist()} "
+                f"at sigma {float(sigma):g}; AMDM needs a >= 0 and b > 0 (a latent that carries noise) to find its "
+                "VP latent x / sqrt(a^2 + b^2)"
+            )
 
 
-def from_vp(x_vp, sigma):
-    """x = x_vp * sqrt(1 + sigma^2). Inverse of `to_vp`."""
-    s = _broadcast_sigma(sigma, x_vp)
-    return x_vp * (1.0 + s**2) ** 0.5
+class _EpsSpace(NoiseSpace):
+    """a = 1, b = sigma, written in the operation order this package has always used (bit-stable)."""
+
+    def __init__(self):
+        super().__init__("eps", lambda sigma: (1.0, sigma))
+
+    def scales(self, sigma, like):
+        return _broadcast_sigma(1.0, like), _broadcast_sigma(sigma, like)
+
+    def vp_scale(self, sigma, like):
+        return (1.0 + _broadcast_sigma(sigma, like) ** 2) ** 0.5
+
+    def eps(self, x, denoised, sigma):
+        return (x - denoised) / _broadcast_sigma(sigma, x)
+
+
+EPS_SPACE = _EpsSpace()
+FLOW_SPACE = NoiseSpace("rectified flow", lambda sigma: (1.0 - sigma, sigma))
+
+
+def to_vp(x, sigma, space=EPS_SPACE):
+    """x_vp = x / sqrt(a^2 + b^2) (eps models: x / sqrt(1 + sigma^2)). sigma: a number, a 0-dim tensor or
+    one value per batch item."""
+    return x / space.vp_scale(sigma, x)
+
+
+def from_vp(x_vp, sigma, space=EPS_SPACE):
+    """x = x_vp * sqrt(a^2 + b^2). Inverse of `to_vp`."""
+    return x_vp * space.vp_scale(sigma, x_vp)
 
 
 def _scalar(value, what):

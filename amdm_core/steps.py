@@ -1,6 +1,22 @@
-"""Single sampling steps in sigma space. One step object per branch, so a step may keep per-branch
-state (an ancestral step its own noise source). Call: step(x, denoised, sigma, sigma_next) -> x_next,
-with sigma / sigma_next 0-dim tensors (entries of the sigmas schedule)."""
+"""Single sampling steps, one object per branch (so a step keeps per-branch state: its own noise source,
+its own multistep history).
+
+Call: step(x, denoised, sigma, sigma_next, denoise) -> x_next. sigma / sigma_next are 0-dim tensors
+(entries of the sigmas schedule); denoised = denoise(x, sigma * ones(batch)) is the loop's call, made for
+every step so that every step starts from the same D (and eps); denoise is the branch's denoiser, for the
+extra calls of second-order steps, called like the loop calls it (sigma * ones(batch)).
+CALLS_PER_STEP / CALLS_TO_ZERO: the model calls of one step, the loop's included, for sigma_next > 0 /
+sigma_next = 0 (see lockstep.expected_model_calls).
+
+Each step is written in the operation order of the k-diffusion sampler it reproduces, so that one
+branch stepped over a whole schedule equals that sampler bit for bit (docs/algorithm.md, "Samplers").
+Family-dependent parts come in as arguments: `rectified_flow` (ComfyUI picks these formulas for CONST
+model samplings), `noise_scaling` (the model's own), `noise_sampler(sigma, sigma_next)` (built by the
+caller exactly as the sampler would build it for this branch), `s_noise` (times the model's noise scale
+where the sampler applies one).
+"""
+import numpy as np
+import torch
 
 
 def _derivative(x, denoised, sigma):
@@ -8,16 +24,20 @@ def _derivative(x, denoised, sigma):
     return (x - denoised) / sigma
 
 
-class EulerStep:
-    """Euler in sigma space == DDIM with eta 0 (the paper's sampler):
+def _batch_sigma(sigma, x):
+    """sigma * ones(batch): the sigma argument of a model call."""
+    return sigma * x.new_ones([x.shape[0]])
 
-        x_next = x + (sigma_next - sigma) * (x - D) / sigma
 
-    Written in the same operation order as k-diffusion's sample_euler, so a single branch reproduces
-    ComfyUI's "euler"/"ddim" samplers bit for bit."""
+def half_log_snr(sigma, rectified_flow=False):
+    """lambda = log(a / b): -log(sigma) for eps models, log((1 - sigma) / sigma) = -logit(sigma) for
+    rectified flow."""
+    return sigma.logit().neg() if rectified_flow else sigma.log().neg()
 
-    def __call__(self, x, denoised, sigma, sigma_next):
-        return x + _derivative(x, denoised, sigma) * (sigma_next - sigma)
+
+def sigma_of_half_log_snr(half_log_snr_value, rectified_flow=False):
+    """The inverse of half_log_snr: exp(-lambda), or sigmoid(-lambda) for rectified flow."""
+    return half_log_snr_value.neg().sigmoid() if rectified_flow else half_log_snr_value.neg().exp()
 
 
 def ancestral_sigmas(sigma, sigma_next, eta=1.0):
@@ -31,20 +51,34 @@ def ancestral_sigmas(sigma, sigma_next, eta=1.0):
     return sigma_down, sigma_up
 
 
+class EulerStep:
+    """Euler in sigma space == DDIM with eta 0 (the paper's sampler; "euler" and "ddim", every family):
+
+        x_next = x + (sigma_next - sigma) * (x - D) / sigma
+    """
+
+    CALLS_PER_STEP = CALLS_TO_ZERO = 1
+
+    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+        return x + _derivative(x, denoised, sigma) * (sigma_next - sigma)
+
+
 class AncestralStep:
     """Euler ancestral (eps models): a deterministic Euler step to sigma_down, then fresh noise of size
     sigma_up from this branch's own `noise_sampler(sigma, sigma_next)`:
 
         x_next = x + (sigma_down - sigma) * (x - D) / sigma + s_noise * sigma_up * noise
 
-    (x_next = D when sigma_down is 0, as in k-diffusion's sample_euler_ancestral.)"""
+    (x_next = D when sigma_down is 0.)"""
+
+    CALLS_PER_STEP = CALLS_TO_ZERO = 1
 
     def __init__(self, noise_sampler, eta=1.0, s_noise=1.0):
         self.noise_sampler = noise_sampler
         self.eta = eta
         self.s_noise = s_noise
 
-    def __call__(self, x, denoised, sigma, sigma_next):
+    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
         sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next, self.eta)
         if sigma_down == 0:
             return denoised
@@ -55,22 +89,119 @@ class AncestralStep:
         )
 
 
+class AncestralRFStep(AncestralStep):
+    """Euler ancestral for rectified flow (x = (1 - sigma) x0 + sigma eps; ComfyUI's euler_ancestral on a
+    CONST model): step down to sigma_down = sigma_next (1 + (sigma_next / sigma - 1) eta), then rescale
+    the signal and renoise back to sigma_next:
+
+        x' = (sigma_down / sigma) x + (1 - sigma_down / sigma) D
+        x_next = ((1 - sigma_next) / (1 - sigma_down)) x'
+                 + s_noise * sqrt(sigma_next^2 - sigma_down^2 (1 - sigma_next)^2 / (1 - sigma_down)^2) * noise
+
+    (x_next = D when sigma_next is 0; no noise when eta is 0.)"""
+
+    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+        if sigma_next == 0:
+            return denoised
+        sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * self.eta)
+        signal_next, signal_down = 1 - sigma_next, 1 - sigma_down
+        renoise = (sigma_next**2 - sigma_down**2 * signal_next**2 / signal_down**2) ** 0.5
+        down_ratio = sigma_down / sigma
+        x = down_ratio * x + (1 - down_ratio) * denoised
+        if self.eta > 0:
+            x = (signal_next / signal_down) * x + self.noise_sampler(sigma, sigma_next) * self.s_noise * renoise
+        return x
+
+
+class HeunStep:
+    """Heun (Karras et al. 2022, algorithm 2 with no churn): an Euler step, a second model call at its
+    end, and the average slope; a plain Euler step into sigma_next = 0.
+
+        d = (x - D) / sigma,  x2 = x + (sigma_next - sigma) d,  d2 = (x2 - D(x2, sigma_next)) / sigma_next
+        x_next = x + (sigma_next - sigma) (d + d2) / 2
+    """
+
+    CALLS_PER_STEP, CALLS_TO_ZERO = 2, 1
+
+    def __call__(self, x, denoised, sigma, sigma_next, denoise):
+        d = _derivative(x, denoised, sigma)
+        dt = sigma_next - sigma
+        if sigma_next == 0:
+            return x + d * dt
+        x_2 = x + d * dt
+        d_2 = _derivative(x_2, denoise(x_2, _batch_sigma(sigma_next, x)), sigma_next)
+        return x + (d + d_2) / 2 * dt
+
+
+def lms_coefficient(order, sigmas, i, j):
+    """The linear-multistep weight of the derivative j steps back, for the step sigmas[i] -> sigmas[i+1]:
+    the integral over [sigmas[i], sigmas[i+1]] of the Lagrange basis polynomial through
+    sigmas[i], .., sigmas[i-order+1] that is 1 at sigmas[i-j]. Computed exactly (float64, the integral
+    of the expanded polynomial, shifted to sigmas[i]); ComfyUI integrates the same polynomial
+    numerically, so a caller that needs its exact digits passes its function to LMSStep instead."""
+    if order - 1 > i:
+        raise ValueError(f"LMS order {order} needs {order} previous steps, step {i} has {i + 1}")
+    origin = float(sigmas[i])
+    nodes = [float(sigmas[i - k]) - origin for k in range(order)]
+    poly = [1.0]  # coefficients in u = tau - sigmas[i], lowest degree first
+    for k in range(order):
+        if k == j:
+            continue
+        scale = nodes[j] - nodes[k]
+        shifted = [0.0] + poly  # u * poly
+        poly = [(hi - nodes[k] * lo) / scale for hi, lo in zip(shifted, poly + [0.0])]
+    h = float(sigmas[i + 1]) - origin
+    return sum(c * h ** (m + 1) / (m + 1) for m, c in enumerate(poly))
+
+
+class LMSStep:
+    """Linear multistep (order up to 4) on this branch's own derivative history d_i = (x_i - D_i)/sigma_i:
+
+        x_next = x + sum_j coefficient(order_i, sigmas, i, j) * d_{i-j},  order_i = min(i + 1, order)
+        x_next = D at sigma_next = 0
+
+    coefficient(order, sigmas, i, j) -> float takes the float32 schedule so far as a numpy array (as
+    k-diffusion's linear_multistep_coeff does). One object per branch, for consecutive steps from step 0."""
+
+    CALLS_PER_STEP = CALLS_TO_ZERO = 1
+
+    def __init__(self, order=4, coefficient=lms_coefficient):
+        self.order = order
+        self.coefficient = coefficient
+        self.derivatives = []
+        self.seen_sigmas = []
+
+    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+        self.derivatives.append(_derivative(x, denoised, sigma))
+        if len(self.derivatives) > self.order:
+            self.derivatives.pop(0)
+        self.seen_sigmas.append(float(sigma))
+        if sigma_next == 0:
+            return denoised
+        i = len(self.seen_sigmas) - 1
+        schedule = np.array(self.seen_sigmas + [float(sigma_next)], dtype=np.float32)
+        order = min(i + 1, self.order)
+        coefficients = [self.coefficient(order, schedule, i, j) for j in range(order)]
+        return x + sum(c * d for c, d in zip(coefficients, reversed(self.derivatives)))
+
+
 class DPMPP2MStep:
-    """DPM-Solver++(2M) with per-branch history (this branch's previous D and sigma), t = -log(sigma):
+    """DPM-Solver++(2M) with per-branch history (this branch's previous D and sigma), t = -log(sigma)
+    (the same formulas on every family):
 
         h = t_next - t
         first step or sigma_next = 0:  x_next = (sigma_next / sigma) x - expm1(-h) D
         otherwise:  r = h_last / h,  D' = (1 + 1/(2r)) D - (1/(2r)) D_prev,
                     x_next = (sigma_next / sigma) x - expm1(-h) D'
+    """
 
-    Written in the operation order of k-diffusion's sample_dpmpp_2m, so a single branch reproduces
-    ComfyUI's "dpmpp_2m" bit for bit. One object per branch; call it for consecutive steps only."""
+    CALLS_PER_STEP = CALLS_TO_ZERO = 1
 
     def __init__(self):
         self.previous_denoised = None
         self.previous_sigma = None
 
-    def __call__(self, x, denoised, sigma, sigma_next):
+    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
         t, t_next = sigma.log().neg(), sigma_next.log().neg()
         h = t_next - t
         ratio = t_next.neg().exp() / t.neg().exp()
@@ -82,3 +213,205 @@ class DPMPP2MStep:
             x_next = ratio * x - (-h).expm1() * corrected
         self.previous_denoised, self.previous_sigma = denoised, sigma
         return x_next
+
+
+class _SDEMultistep:
+    """Shared state of the DPM-Solver++ SDE multistep steps: lambda = half_log_snr, h = lambda_next -
+    lambda, the eta-damped data-prediction update and the Brownian noise term
+
+        x' = (sigma_next / sigma) e^{-h eta} x + alpha_next (1 - e^{-h (1 + eta)}) D,
+        alpha_next = sigma_next e^{lambda_next}
+        noise term: s_noise sigma_next sqrt(1 - e^{-2 h eta}) noise(sigma, sigma_next)
+    and x_next = D at sigma_next = 0."""
+
+    CALLS_PER_STEP = CALLS_TO_ZERO = 1
+
+    def __init__(self, noise_sampler, eta=1.0, s_noise=1.0, rectified_flow=False):
+        self.noise_sampler = noise_sampler
+        self.eta = eta
+        self.s_noise = s_noise
+        self.rectified_flow = rectified_flow
+        self.previous_denoised = []  # most recent first
+        self.previous_h = []
+
+    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+        h = self.previous_h[0] if self.previous_h else None
+        if sigma_next == 0:
+            x = denoised
+        else:
+            lambda_s = half_log_snr(sigma, self.rectified_flow)
+            lambda_t = half_log_snr(sigma_next, self.rectified_flow)
+            h = lambda_t - lambda_s
+            h_eta = h * (self.eta + 1)
+            alpha_t = sigma_next * lambda_t.exp()
+            x = sigma_next / sigma * (-h * self.eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
+            x = self.correct(x, denoised, h, h_eta, alpha_t)
+            if self.eta > 0 and self.s_noise > 0:
+                x = x + (self.noise_sampler(sigma, sigma_next) * sigma_next
+                         * (-2 * h * self.eta).expm1().neg().sqrt() * self.s_noise)
+        self.previous_denoised = [denoised] + self.previous_denoised[:1]
+        self.previous_h = [h] + self.previous_h[:1]
+        return x
+
+
+class DPMPP2MSDEStep(_SDEMultistep):
+    """DPM-Solver++(2M) SDE ("dpmpp_2m_sde", "_gpu"; solver_type "heun" for "dpmpp_2m_sde_heun"): the
+    shared SDE update plus, from the second step on (r = h_last / h),
+
+        midpoint: x' += 0.5 alpha_next (1 - e^{-h_eta}) (D - D_prev) / r
+        heun:     x' += alpha_next ((1 - e^{-h_eta}) / (-h_eta) + 1) (D - D_prev) / r
+    """
+
+    def __init__(self, noise_sampler, eta=1.0, s_noise=1.0, solver_type="midpoint", rectified_flow=False):
+        if solver_type not in ("midpoint", "heun"):
+            raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+        super().__init__(noise_sampler, eta, s_noise, rectified_flow)
+        self.solver_type = solver_type
+
+    def correct(self, x, denoised, h, h_eta, alpha_t):
+        if not self.previous_denoised:
+            return x
+        r = self.previous_h[0] / h
+        difference = denoised - self.previous_denoised[0]
+        if self.solver_type == "heun":
+            return x + alpha_t * ((-h_eta).expm1().neg() / (-h_eta) + 1) * (1 / r) * difference
+        return x + 0.5 * alpha_t * (-h_eta).expm1().neg() * (1 / r) * difference
+
+
+class DPMPP3MSDEStep(_SDEMultistep):
+    """DPM-Solver++(3M) SDE ("dpmpp_3m_sde", "_gpu"): the shared SDE update plus, with r0 = h_1 / h and
+    r1 = h_2 / h of this branch's previous steps, phi_2 = expm1(-h_eta) / h_eta + 1 and
+    phi_3 = phi_2 / h_eta - 1/2:
+
+        two previous steps: d1_0 = (D - D_1) / r0, d1_1 = (D_1 - D_2) / r1,
+                            d1 = d1_0 + (d1_0 - d1_1) r0 / (r0 + r1), d2 = (d1_0 - d1_1) / (r0 + r1),
+                            x' += alpha_next phi_2 d1 - alpha_next phi_3 d2
+        one previous step:  x' += alpha_next phi_2 (D - D_1) / r0
+    """
+
+    def correct(self, x, denoised, h, h_eta, alpha_t):
+        if len(self.previous_denoised) == 2 and self.previous_h[1] is not None:
+            r0, r1 = self.previous_h[0] / h, self.previous_h[1] / h
+            d1_0 = (denoised - self.previous_denoised[0]) / r0
+            d1_1 = (self.previous_denoised[0] - self.previous_denoised[1]) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            phi_2 = h_eta.neg().expm1() / h_eta + 1
+            phi_3 = phi_2 / h_eta - 0.5
+            return x + (alpha_t * phi_2) * d1 - (alpha_t * phi_3) * d2
+        if self.previous_denoised:
+            r = self.previous_h[0] / h
+            phi_2 = h_eta.neg().expm1() / h_eta + 1
+            return x + (alpha_t * phi_2) * ((denoised - self.previous_denoised[0]) / r)
+        return x
+
+
+class DPMPPSDEStep:
+    """DPM-Solver++ SDE ("dpmpp_sde", "_gpu"), two model calls per step (one into sigma_next = 0, where
+    x_next = D). With lambda = half_log_snr, h = lambda_next - lambda, an intermediate point at
+    lambda_1 = lambda + r h (sigma_1 its sigma, alpha = sigma e^lambda), and ancestral splits of each
+    sub-step in e^{-lambda} (sd, su = ancestral_sigmas(e^{-lambda}, e^{-lambda'}, eta), h' = -log(sd) - lambda):
+
+        x2 = (alpha_1 / alpha) e^{-h'} x - alpha_1 expm1(-h') D + alpha_1 s_noise su noise(sigma, sigma_1)
+        D2 = denoise(x2, sigma_1)
+        x_next = (alpha_next / alpha) e^{-h''} x - alpha_next expm1(-h'') ((1 - 1/(2r)) D + D2 / (2r))
+                 + alpha_next s_noise su'' noise(sigma, sigma_next)
+    """
+
+    CALLS_PER_STEP, CALLS_TO_ZERO = 2, 1
+
+    def __init__(self, noise_sampler, eta=1.0, s_noise=1.0, r=1 / 2, rectified_flow=False):
+        self.noise_sampler = noise_sampler
+        self.eta = eta
+        self.s_noise = s_noise
+        self.r = r
+        self.rectified_flow = rectified_flow
+
+    def __call__(self, x, denoised, sigma, sigma_next, denoise):
+        if sigma_next == 0:
+            return denoised
+        eta, s_noise, r = self.eta, self.s_noise, self.r
+        lambda_s = half_log_snr(sigma, self.rectified_flow)
+        lambda_t = half_log_snr(sigma_next, self.rectified_flow)
+        h = lambda_t - lambda_s
+        lambda_s_1 = lambda_s + r * h
+        fac = 1 / (2 * r)
+        sigma_s_1 = sigma_of_half_log_snr(lambda_s_1, self.rectified_flow)
+        alpha_s = sigma * lambda_s.exp()
+        alpha_s_1 = sigma_s_1 * lambda_s_1.exp()
+        alpha_t = sigma_next * lambda_t.exp()
+
+        sd, su = ancestral_sigmas(lambda_s.neg().exp(), lambda_s_1.neg().exp(), eta)
+        h_ = sd.log().neg() - lambda_s
+        x_2 = (alpha_s_1 / alpha_s) * (-h_).exp() * x - alpha_s_1 * (-h_).expm1() * denoised
+        if eta > 0 and s_noise > 0:
+            x_2 = x_2 + alpha_s_1 * self.noise_sampler(sigma, sigma_s_1) * s_noise * su
+        denoised_2 = denoise(x_2, _batch_sigma(sigma_s_1, x))
+
+        sd, su = ancestral_sigmas(lambda_s.neg().exp(), lambda_t.neg().exp(), eta)
+        h_ = sd.log().neg() - lambda_s
+        denoised_d = (1 - fac) * denoised + fac * denoised_2
+        x = (alpha_t / alpha_s) * (-h_).exp() * x - alpha_t * (-h_).expm1() * denoised_d
+        if eta > 0 and s_noise > 0:
+            x = x + alpha_t * self.noise_sampler(sigma, sigma_next) * s_noise * su
+        return x
+
+
+class LCMStep:
+    """Latent consistency sampling ("lcm"): jump to the x0 estimate, then renoise it to sigma_next with
+    the model's own noise scaling (x_next = a(sigma_next) D + b(sigma_next) noise); x_next = D at 0.
+    noise_scaling(sigma, noise, latent) -> latent at sigma (ComfyUI: model_sampling.noise_scaling)."""
+
+    CALLS_PER_STEP = CALLS_TO_ZERO = 1
+
+    def __init__(self, noise_sampler, noise_scaling):
+        self.noise_sampler = noise_sampler
+        self.noise_scaling = noise_scaling
+
+    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+        if sigma_next > 0:
+            return self.noise_scaling(sigma_next, self.noise_sampler(sigma, sigma_next), denoised)
+        return denoised
+
+
+class ResMultistepStep:
+    """RES second-order multistep (Zhang et al. 2023, arXiv 2308.02157; "res_multistep", eta 0, and
+    "res_multistep_ancestral"), t = -log(sigma), per-branch history (previous D, sigma_down, sigma):
+
+        sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next, eta)
+        first step or sigma_down = 0:  x' = x + (sigma_down - sigma) (x - D) / sigma
+        otherwise:  h = t(sigma_down) - t(sigma),  c2 = (t(sigma_prev) - t(sigma_down_prev)) / h,
+                    phi1(u) = expm1(u)/u, phi2(u) = (phi1(u) - 1)/u,
+                    b1 = phi1(-h) - phi2(-h)/c2, b2 = phi2(-h)/c2 (NaN -> 0),
+                    x' = e^{-h} x + h (b1 D + b2 D_prev)
+        x_next = x' + s_noise sigma_up noise(sigma, sigma_next)   (where sigma_up > 0)
+    """
+
+    CALLS_PER_STEP = CALLS_TO_ZERO = 1
+
+    def __init__(self, noise_sampler=None, eta=0.0, s_noise=1.0):
+        if eta and noise_sampler is None:
+            raise ValueError("res_multistep with eta > 0 adds noise: give it a noise_sampler")
+        self.noise_sampler = noise_sampler
+        self.eta = eta
+        self.s_noise = s_noise
+        self.previous = None  # (D, sigma_down, sigma) of this branch's previous step
+
+    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+        sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next, self.eta)
+        if sigma_down == 0 or self.previous is None:
+            x = x + _derivative(x, denoised, sigma) * (sigma_down - sigma)
+        else:
+            old_denoised, old_sigma_down, old_sigma = self.previous
+            t, t_old, t_next, t_prev = (s.log().neg() for s in (sigma, old_sigma_down, sigma_down, old_sigma))
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            phi1 = torch.expm1(-h) / -h
+            phi2 = (phi1 - 1.0) / -h
+            b1 = torch.nan_to_num(phi1 - phi2 / c2, nan=0.0)
+            b2 = torch.nan_to_num(phi2 / c2, nan=0.0)
+            x = h.neg().exp() * x + h * (b1 * denoised + b2 * old_denoised)
+        if sigma_up > 0:
+            x = x + self.noise_sampler(sigma, sigma_next) * self.s_noise * sigma_up
+        self.previous = (denoised, sigma_down, sigma)
+        return x

@@ -155,4 +155,4 @@ def test_reference_mean_validates_its_inputs():
         reference_mean(latents(0), latents(1, (3, 4, 8, 4)), 10, table)
     with pytest.raises(ValueError, match="sigma_table"):
         reference_mean(latents(0), latents(1), 10, table[None])
-    assert MEAN_MODES == ("reference", "exact")
+    assert MEAN_MODES == ("auto", "reference", "exact")

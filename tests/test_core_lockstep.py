@@ -11,7 +11,16 @@ from hypothesis import strategies as st
 from test_core_aggregation import reference_slerp
 from test_core_deviation import sd15_sigmas_float32
 
-from amdm_core import AncestralStep, ddim_uniform_sigmas, expected_model_calls, run_lockstep
+from amdm_core import (
+    AncestralStep,
+    DPMPP2MSDEStep,
+    DPMPPSDEStep,
+    EulerStep,
+    HeunStep,
+    ddim_uniform_sigmas,
+    expected_model_calls,
+    run_lockstep,
+)
 
 SHAPE = (2, 4, 6, 6)
 TABLE = sd15_sigmas_float32()
@@ -130,19 +139,47 @@ def test_loop_matches_a_transcription_of_the_spec(n, s, mode, mean_mode, p, weig
         assert np.abs(plain - expected[0]).max() > 1e-2
 
 
+def randn_sampler(seed):
+    gen = torch.Generator().manual_seed(seed)
+    return lambda sigma, sigma_next: torch.randn(SHAPE, generator=gen)
+
+
+# (step factory, calls of a step into sigma > 0, calls of the step into sigma 0): docs/algorithm.md
+STEP_CALLS = {
+    "euler": (lambda k: EulerStep(), 1, 1),
+    "heun": (lambda k: HeunStep(), 2, 1),
+    "dpmpp_sde": (lambda k: DPMPPSDEStep(randn_sampler(k)), 2, 1),
+    "dpmpp_2m_sde": (lambda k: DPMPP2MSDEStep(randn_sampler(k)), 1, 1),
+}
+
+
 @settings(max_examples=30, deadline=None)
-@given(steps=st.integers(1, 10), n=st.integers(1, 4), s=st.integers(0, 14))
-def test_model_calls_are_T_plus_aux_times_window(steps, n, s):
+@given(steps=st.integers(1, 10), n=st.integers(1, 4), s=st.integers(0, 14), sampler=st.sampled_from(sorted(STEP_CALLS)))
+def test_model_calls_are_counted_and_match_the_per_sampler_formula(steps, n, s, sampler):
+    make_step, per_step, to_zero = STEP_CALLS[sampler]
     sigmas = torch.linspace(10.0, 0.0, steps + 1)
     denoisers = [Counted(make_denoiser(k)) for k in range(n)]
     result = run_lockstep(denoisers, initial_latents(n, float(sigmas[0])), sigmas, aggregation_steps=s,
-                          weights=[0.5] * (n - 1), sigma_table=TABLE)
+                          weights=[0.5] * (n - 1), sigma_table=TABLE, make_step=make_step)
     window = min(s, steps - 1)
-    assert result.model_calls == steps + (n - 1) * (window + 1) == expected_model_calls(steps, n, s)
+    main_calls = (steps - 1) * per_step + to_zero
+    aux_calls = (window + 1) * per_step - (per_step - to_zero) * (window == steps - 1)
+    step_type = type(make_step(0))
+    assert result.model_calls == main_calls + (n - 1) * aux_calls == expected_model_calls(steps, n, s, step_type)
     assert sum(len(d.sigmas) for d in denoisers) == result.model_calls
-    assert denoisers[0].sigmas == pytest.approx(sigmas[:-1].tolist(), rel=0, abs=0)
-    for aux in denoisers[1:]:  # aux branches run steps 0 .. s and then stop
-        assert aux.sigmas == pytest.approx(sigmas[: window + 1].tolist(), rel=0, abs=0)
+    if per_step == 1:
+        assert denoisers[0].sigmas == pytest.approx(sigmas[:-1].tolist(), rel=0, abs=0)
+        for aux in denoisers[1:]:  # aux branches run steps 0 .. s and then stop
+            assert aux.sigmas == pytest.approx(sigmas[: window + 1].tolist(), rel=0, abs=0)
+    if sampler == "heun":  # the extra call is at the step's end, sigma_{i+1}
+        expected = [v for i in range(steps) for v in ([sigmas[i]] + ([sigmas[i + 1]] if i < steps - 1 else []))]
+        assert denoisers[0].sigmas == pytest.approx([float(v) for v in expected], rel=0, abs=0)
+
+
+def test_expected_model_calls_without_a_final_zero_sigma():
+    assert expected_model_calls(10, 2, 3, HeunStep, ends_at_zero=False) == 20 + 8
+    assert expected_model_calls(10, 2, 20, HeunStep) == 19 + 19
+    assert expected_model_calls(10, 3, 20) == 30
 
 
 def ddim_vp(denoise, x, sigmas):
@@ -270,7 +307,7 @@ def test_bad_arguments_are_reported():
     with pytest.raises(ValueError, match="share one latent format"):
         run_lockstep(dens, [init[0], init[1][:, :, :4]], sigmas, **ok)
     with pytest.raises(ValueError, match="needs sigma_table"):
-        run_lockstep(dens, init, sigmas, aggregation_steps=2, weights=[0.5])
+        run_lockstep(dens, init, sigmas, aggregation_steps=2, weights=[0.5], mean_mode="reference")
     with pytest.raises(ValueError, match="one value per aux branch"):
         run_lockstep(dens, init, sigmas, aggregation_steps=2, weights=[0.5, 0.5], sigma_table=TABLE)
     with pytest.raises(ValueError, match="one value per branch"):
