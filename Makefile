@@ -1,20 +1,26 @@
-# One command each: `make test` (the whole suite against a real ComfyUI), `make demo` (the AMDM graph,
-# headless, images + summary under out/), `make bench` (the benchmarks). Each builds .venv if missing.
-# COMFYUI_PATH=/path/to/ComfyUI runs them against your own ComfyUI checkout instead of the pinned copy.
+# One command each: `make test` (the whole suite against real ComfyUIs: 0.3.75 and 0.33.0, each in its own
+# venv, see scripts/run_tests.sh), `make demo` (the AMDM graph, headless, images + summary under out/),
+# `make bench` (the benchmarks). Each builds what it needs if missing (scripts/setup_env.sh).
+# COMFYUI_PATH=/path/to/ComfyUI runs them against your own ComfyUI checkout instead of the pinned copies.
 PYTHON := .venv/bin/python
 
-.PHONY: env test demo bench
-env:
+.PHONY: env env-0.3.75 env-0.33.0 test demo bench
+env: env-0.3.75 env-0.33.0
+
+env-0.3.75:
 	@bash scripts/setup_env.sh
 	@bash scripts/setup_frontends.sh
 
+env-0.33.0:
+	@bash scripts/setup_env.sh 0.33.0
+
 test: env
 	@bash scripts/setup_browser.sh
-	$(PYTHON) -m pytest -c tests/pytest.ini --rootdir tests tests $(PYTEST_ARGS)
+	@bash scripts/run_tests.sh
 
-demo: env
+demo: env-0.3.75
 	$(PYTHON) scripts/demo.py $(DEMO_ARGS)
 
-bench: env
+bench: env-0.3.75
 	$(PYTHON) bench/control_transfer.py
 	$(PYTHON) bench/sampler_overhead.py
