@@ -1,4 +1,4 @@
-"""The shipped example workflows (example_workflows/) and tiny generated stand-ins for every model file
+"""The shipped workflows (workflows/) and tiny generated stand-ins for every model file
 they name, saved under those names: used by tests/test_workflows.py, tests/test_browser.py and anything
 that runs the shipped graphs on CPU (convert with harness.workflow_api)."""
 import glob
@@ -8,10 +8,13 @@ import os
 import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKFLOW_DIR = os.path.join(REPO_ROOT, "example_workflows")
-# The workflows issue 8 asks for (file stems in example_workflows/).
+# ComfyUI's template browser and comfy-test both look in a top-level workflows/ folder.
+WORKFLOW_DIR = os.path.join(REPO_ROOT, "workflows")
+# The paper's examples (file stems in workflows/), all with the AMDM Aggregate Sampler or by hand.
 REQUIRED_WORKFLOWS = ("amdm_interactdiffusion_migc", "amdm_interactdiffusion_ipadapter",
                       "amdm_interactdiffusion_migc_ipadapter", "amdm_by_hand")
+# AMDM Guider on SamplerCustomAdvanced (one GUIDER per branch, a non-default sampler).
+GUIDER_WORKFLOW = "amdm_guider"
 # loader node -> (widget holding the file name, ComfyUI models/ folder or "input")
 FILE_WIDGETS = {
     "CheckpointLoaderSimple": ("ckpt_name", "checkpoints"),
@@ -24,7 +27,7 @@ FILE_WIDGETS = {
 
 
 def shipped_workflows():
-    """Stems of every workflow file shipped in example_workflows/."""
+    """Stems of every workflow file shipped in workflows/."""
     return sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(WORKFLOW_DIR, "*.json")))
 
 

@@ -1,4 +1,4 @@
-"""Build the shipped example workflows (example_workflows/*.json, UI format 0.4) from the nodes' own
+"""Build the shipped workflows (workflows/*.json, UI format 0.4) from the nodes' own
 INPUT_TYPES, so that every widgets_values list has the order and length the frontend expects.
 
     .venv/bin/python scripts/build_workflows.py                 # rewrite the JSON files
@@ -6,7 +6,7 @@ INPUT_TYPES, so that every widgets_values list has the order and length the fron
 
 The committed JSON files are what users get; this script is how they are kept in step with the nodes.
 ``--screenshots`` loads each file into the real ComfyUI frontend (headless Chromium, see
-harness/browser.py) and saves ``example_workflows/<name>.jpg`` (template-browser thumbnail) and
+harness/browser.py) and saves ``workflows/<name>.jpg`` (template-browser thumbnail) and
 ``docs/images/<name>.jpg``.
 """
 import argparse
@@ -20,7 +20,7 @@ sys.path.insert(0, REPO_ROOT)
 
 from harness.workflow_api import widget_layout  # noqa: E402
 
-WORKFLOW_DIR = os.path.join(REPO_ROOT, "example_workflows")
+WORKFLOW_DIR = os.path.join(REPO_ROOT, "workflows")
 DOCS_IMAGES = os.path.join(REPO_ROOT, "docs", "images")
 
 # The paper's example (Figure 2) with the reference UI's boxes for it, in pixels of a 512 x 512 image.
@@ -210,6 +210,7 @@ GROUP_MAIN, GROUP_AUX, GROUP_STYLE, GROUP_AMDM, GROUP_PLAIN, GROUP_MODELS = (
 
 # Node heights as the frontend 1.32 lays them out (it grows smaller declared sizes on load).
 APPLY_ID_HEIGHT, APPLY_MIGC_HEIGHT, AMDM_SAMPLER_HEIGHT, KSAMPLER_ADVANCED_HEIGHT = 656, 728, 706, 334
+AMDM_GUIDER_HEIGHT = 330
 BLOCK_GAP = 140  # between stacked groups: node title bar + group header + padding
 
 
@@ -412,11 +413,72 @@ def amdm_by_hand(nodes):
     return g.build()
 
 
+GUIDER_NOTE = """AMDM Guider (SamplerCustomAdvanced)
+- guider: the MAIN branch's GUIDER (its image is the result); guider_2...: aux branches. Any GUIDER
+  node works as a branch (CFGGuider here; DualCFGGuider, BasicGuider, ...), each with its own model,
+  prompts and cfg.
+- The SAMPLER wired into SamplerCustomAdvanced steps every branch (dpmpp_2m here); the SIGMAS are the
+  schedule of all branches (karras here); RandomNoise is the main branch's noise.
+- aggregation_steps s, weight_k, aggregation, deviation_step p, mean_mode, noise: as on AMDM Aggregate
+  Sampler (noise independent: aux branch k draws from noise_seed + k - 1)."""
+
+GUIDER_COMPARE_NOTE = """Without aggregation: SamplerCustomAdvanced with the main branch's CFGGuider alone
+(same noise, sampler and sigmas). Compare it with the AMDM result to see what the aux branch transfers."""
+
+
+def amdm_guider(nodes):
+    """AMDM Guider on SamplerCustomAdvanced: a CFGGuider per branch, dpmpp_2m with karras sigmas."""
+    g = GraphBuilder(nodes)
+    b = common(g, with_migc=True, migc_steps=12)
+    steps, s = 20, 8
+    x, column = 1330, 420
+    main_guider = g.add("CFGGuider", (x, 0), (330, 130), title="Main branch guider (InteractDiffusion)", color=MAIN,
+                        cfg=7.5)
+    g.connect(b["ckpt"], "MODEL", main_guider, "model")
+    g.connect(b["main"], 0, main_guider, "positive")
+    g.connect(b["negative"], 0, main_guider, "negative")
+    aux_guider = g.add("CFGGuider", (x, 200), (330, 130), title="Aux branch guider (MIGC)", color=AUX, cfg=7.5)
+    g.connect(b["migc"], 0, aux_guider, "model")
+    g.connect(b["positive"], 0, aux_guider, "positive")
+    g.connect(b["negative"], 0, aux_guider, "negative")
+    amdm = g.add("AMDMGuider", (x, 400), (330, AMDM_GUIDER_HEIGHT), title="AMDM Guider", weight_2=0.5, aggregation_steps=s,
+                 aggregation="paper", deviation_step=0.3, mean_mode="reference", noise="independent")
+    g.connect(main_guider, 0, amdm, "guider")
+    g.connect(aux_guider, 0, amdm, "guider_2")
+    y = 400 + AMDM_GUIDER_HEIGHT + BLOCK_GAP
+    noise = g.add("RandomNoise", (x, y), (330, 90), noise_seed=SEED)
+    sampler = g.add("KSamplerSelect", (x, y + 140), (330, 60), sampler_name="dpmpp_2m")
+    sigmas = g.add("BasicScheduler", (x, y + 250), (330, 110), scheduler="karras", steps=steps, denoise=1.0)
+    g.connect(b["ckpt"], "MODEL", sigmas, "model")
+    g.group("A guider per branch", [main_guider, aux_guider, amdm], GROUP_AMDM)
+    g.group("Noise, sampler, sigmas", [noise, sampler, sigmas], GROUP_MODELS)
+
+    def run(guider, pos, prefix, title, color):
+        node = g.add("SamplerCustomAdvanced", pos, (330, 330), title=title, color=color)
+        g.connect(noise, 0, node, "noise")
+        g.connect(guider, 0, node, "guider")
+        g.connect(sampler, 0, node, "sampler")
+        g.connect(sigmas, 0, node, "sigmas")
+        g.connect(b["latent"], 0, node, "latent_image")
+        decode, save = decode_and_save(g, node, b["ckpt"], (pos[0] + column, pos[1]), prefix,
+                                       "AMDM result" if guider is amdm else "Without aggregation")
+        return [node, decode, save]
+
+    result = run(amdm, (x + column, 0), "AMDM/guider_dpmpp_2m", "SamplerCustomAdvanced (AMDM)", None)
+    note = g.note(GUIDER_NOTE, (x + column, 520), (700, 270), title="AMDM Guider parameters")
+    g.group("AMDM: the branches sample in lockstep and merge during steps 1..s", result + [note], GROUP_AMDM)
+    plain = run(main_guider, (x + column, 1000), "AMDM/without_aggregation", "Main branch WITHOUT aggregation", PLAIN)
+    compare = g.note(GUIDER_COMPARE_NOTE, (x + column, 1400), (330, 130), title="Compare")
+    g.group("Side output: the main branch alone (same noise)", plain + [compare], GROUP_PLAIN)
+    return g.build()
+
+
 WORKFLOWS = {
     "amdm_interactdiffusion_migc": interactdiffusion_migc,
     "amdm_interactdiffusion_ipadapter": interactdiffusion_ipadapter,
     "amdm_interactdiffusion_migc_ipadapter": interactdiffusion_migc_ipadapter,
     "amdm_by_hand": amdm_by_hand,
+    "amdm_guider": amdm_guider,
 }
 
 
@@ -471,7 +533,7 @@ def stage_placeholder_files(base_dir):
 
 
 def write_screenshots():
-    """Thumbnails (example_workflows/<name>.jpg) and docs screenshots from the real frontend."""
+    """Thumbnails (workflows/<name>.jpg) and docs screenshots from the real frontend."""
     from PIL import Image
 
     from harness import browser

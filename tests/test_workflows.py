@@ -1,11 +1,11 @@
-"""The shipped example workflows (example_workflows/): what issue 8 asks of them, in step with the
-nodes' current inputs, and executed in the real ComfyUI after a conversion to API format by code
-(harness/workflow_api.py; no hand-kept API twin).
+"""The shipped workflows (workflows/): the paper's settings and the AMDM Guider graph, every node of the
+pack used somewhere, in step with the nodes' current inputs, and executed in the real ComfyUI after a
+conversion to API format by code (harness/workflow_api.py; no hand-kept API twin).
 
 Execution runs on tiny generated weights saved under the file names the workflows name. For CPU time
 the test edits the converted graphs: 128 x 128 instead of 512 x 512 (width/height and every box divided
-by 4, so the boxes keep their place) and, for the 50-step paper workflow, 10 steps with s = 4 instead of
-50 with s = 20; every other setting is the shipped one. The shipped files keep the paper's settings.
+by 4, so the boxes keep their place) and, for the workflows of more than 10 steps (the 50-step paper
+workflow, the 20-step guider workflow), 10 steps with s = 4; every other setting is the shipped one. The shipped files keep the paper's settings.
 """
 import os
 
@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from harness.workflow_api import check_workflow, scale_workflow, ui_to_api, widget_layout
-from harness.workflow_files import (REQUIRED_WORKFLOWS, WORKFLOW_DIR, expected_files, load_workflow,
-                                    shipped_workflows, stage_files)
+from harness.workflow_files import (GUIDER_WORKFLOW, REQUIRED_WORKFLOWS, WORKFLOW_DIR, expected_files,
+                                    load_workflow, shipped_workflows, stage_files)
 
 CAPTION = "A red hair girl is drinking from a blue bottle of water, oil painting"
 CPU_SCALE = 4
@@ -63,8 +63,8 @@ def model_source(workflow, node, input_name="model"):
     return source
 
 
-def test_issue_workflows_are_shipped_with_thumbnails():
-    assert set(REQUIRED_WORKFLOWS) <= set(shipped_workflows())
+def test_workflows_are_shipped_with_thumbnails():
+    assert set(REQUIRED_WORKFLOWS) | {GUIDER_WORKFLOW} <= set(shipped_workflows())
     for name in shipped_workflows():
         workflow = load_workflow(name)
         assert workflow["version"] == 0.4 and workflow["nodes"] and workflow["links"]
@@ -120,7 +120,7 @@ def test_input_change_is_caught(input_types):
 
 
 @pytest.mark.parametrize("name", REQUIRED_WORKFLOWS)
-def test_workflow_has_what_the_issue_asks(name, input_types):
+def test_paper_workflow_has_its_settings(name, input_types):
     workflow = load_workflow(name)
     loaders = nodes_of(workflow, "CheckpointLoaderSimple")
     assert len(loaders) == 1, "one SD1.5 checkpoint loader feeds every branch"
@@ -178,14 +178,49 @@ def test_workflow_has_what_the_issue_asks(name, input_types):
         assert widgets(node, input_types)["weight"] == 0.8
 
 
+def test_every_node_of_the_pack_is_in_a_shipped_workflow(pack):
+    used = {node["type"] for name in shipped_workflows() for node in load_workflow(name)["nodes"]}
+    assert sorted(set(pack.NODE_CLASS_MAPPINGS) - used) == []
+
+
+def test_guider_workflow_has_two_guiders_and_a_non_default_sampler(input_types):
+    """AMDM Guider on SamplerCustomAdvanced: a CFGGuider per branch (the main one on the InteractDiffusion
+    conditioning, the aux one on the MIGC model), a sampler other than KSamplerSelect's default, and a
+    side output that is the same run with the main guider alone."""
+    workflow = load_workflow(GUIDER_WORKFLOW)
+    (amdm,) = nodes_of(workflow, "AMDMGuider")
+    main, aux = upstream(workflow, amdm, "guider"), upstream(workflow, amdm, "guider_2")
+    assert (main["type"], aux["type"]) == ("CFGGuider", "CFGGuider") and main is not aux
+    assert upstream(workflow, main, "positive")["type"] == "InteractDiffusionApply"
+    assert upstream(workflow, aux, "model")["type"] == "MIGCApply"
+    assert upstream(workflow, aux, "positive")["type"] == "CLIPTextEncode"
+    settings = widgets(amdm, input_types)
+    assert (settings["weight_2"], settings["aggregation_steps"], settings["deviation_step"]) == (0.5, 8, 0.3)
+
+    runs = nodes_of(workflow, "SamplerCustomAdvanced")
+    assert sorted(upstream(workflow, run, "guider")["type"] for run in runs) == ["AMDMGuider", "CFGGuider"]
+    plain = next(run for run in runs if upstream(workflow, run, "guider") is main)
+    amdm_run = next(run for run in runs if upstream(workflow, run, "guider") is amdm)
+    for socket in ("noise", "sampler", "sigmas", "latent_image"):
+        assert upstream(workflow, plain, socket) is upstream(workflow, amdm_run, socket), socket
+    select = upstream(workflow, amdm_run, "sampler")
+    default = widget_layout(input_types("KSamplerSelect"))[0][1][0][0]
+    assert select["type"] == "KSamplerSelect" and widgets(select, input_types)["sampler_name"] == "dpmpp_2m" != default
+    schedule = widgets(upstream(workflow, amdm_run, "sigmas"), input_types)
+    assert (schedule["scheduler"], schedule["steps"]) == ("karras", 20)
+    assert widgets(upstream(workflow, amdm_run, "noise"), input_types)["noise_seed"] == 1145
+
+
 def cpu_sized(prompt):
-    """The CPU edit of a converted graph: at most CPU_STEPS steps and CPU_AGGREGATION_STEPS merges."""
-    for node in prompt.values():
-        inputs = node["inputs"]
-        if isinstance(inputs.get("steps"), int) and inputs["steps"] > CPU_STEPS:
-            inputs["steps"] = CPU_STEPS
-            if isinstance(inputs.get("aggregation_steps"), int):
-                inputs["aggregation_steps"] = min(inputs["aggregation_steps"], CPU_AGGREGATION_STEPS)
+    """The CPU edit of a converted graph: at most CPU_STEPS steps and, where steps were cut, at most
+    CPU_AGGREGATION_STEPS merges (on the sampler node or, for AMDM Guider, on the guider node)."""
+    long = [node["inputs"] for node in prompt.values()
+            if isinstance(node["inputs"].get("steps"), int) and node["inputs"]["steps"] > CPU_STEPS]
+    for inputs in long:
+        inputs["steps"] = CPU_STEPS
+    for node in prompt.values() if long else ():
+        if isinstance(node["inputs"].get("aggregation_steps"), int):
+            node["inputs"]["aggregation_steps"] = min(node["inputs"]["aggregation_steps"], CPU_AGGREGATION_STEPS)
     return prompt
 
 
