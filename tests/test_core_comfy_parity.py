@@ -1,27 +1,39 @@
-"""amdm_core against the real ComfyUI it is built for: the SD1.5 sigma table and ddim_uniform schedule
-of a real SD1.5 model_sampling, its timestep lookup, and k-diffusion's own Euler / Euler-ancestral
-/ DPM++ 2M samplers (a single branch of run_lockstep must reproduce them bit for bit)."""
+"""amdm_core against the real ComfyUI it is built for: the SD1.5 sigma table, ddim_uniform schedule and
+timestep lookup of a real model_sampling, and every exact step object against ComfyUI's own sampler
+function. Each sampler runs twice through ComfyUI's real sampling path (CFGGuider.sample with a tiny
+seeded SD1.5 UNet, eps, and the same UNet under a rectified-flow model sampling as ComfyUI's
+ModelSamplingSD3 node builds it): once with `comfy.k_diffusion.sampling.sample_<name>`, once with a
+KSAMPLER whose function loops amdm_core's step over the same sigmas through run_lockstep. The results
+must be equal bit for bit (torch.equal), alone and with an aux branch of weight 0 and p = 0.
+
+The per-sampler set-up below (noise sampler, sigma offset, s_noise, family flag) is what ComfyUI's
+sampler function does before its loop; it is written here from ComfyUI's behaviour, independently of
+the pack's bridge.
+"""
+import pytest
 import torch
 
 from amdm_core import (
+    AncestralRFStep,
     AncestralStep,
+    DPMPP2MSDEStep,
     DPMPP2MStep,
+    DPMPP3MSDEStep,
+    DPMPPSDEStep,
+    EulerStep,
+    HeunStep,
+    LCMStep,
+    LMSStep,
+    ResMultistepStep,
     ddim_uniform_sigmas,
-    scaled_linear_sigma_table,
+    expected_model_calls,
     run_lockstep,
+    scaled_linear_sigma_table,
     timestep_of_sigma,
 )
 
-
-def toy_denoiser(k):
-    gen = torch.Generator().manual_seed(k)
-    mean = torch.randn(4, 8, 8, generator=gen)
-
-    def denoise(x, sigma):
-        s = sigma.reshape(-1, 1, 1, 1)
-        return (x + s**2 * mean) / (1 + s**2) + 0.1 * torch.tanh(x)
-
-    return denoise
+STEPS = 6
+LATENT = (1, 4, 8, 8)
 
 
 def test_sigma_table_schedule_and_timesteps_match_comfyui(tiny_model):
@@ -38,58 +50,178 @@ def test_sigma_table_schedule_and_timesteps_match_comfyui(tiny_model):
         assert timestep_of_sigma(sigma, table) == int(model_sampling.timestep(sigma.reshape(1)))
 
 
-class _KDiffusionModel:
-    """The call shape k-diffusion samplers expect: model(x, sigma[batch]); euler_ancestral also looks up
-    model.inner_model.inner_model.model_sampling to pick its eps (not flow) branch."""
+def flow_patcher(model, shift=3.0):
+    """The model under a rectified-flow sampling, exactly as ComfyUI's ModelSamplingSD3 node builds it."""
+    import comfy.model_sampling
 
-    def __init__(self, denoise, model_sampling):
-        self.denoise = denoise
-        self.inner_model = type("Inner", (), {"inner_model": type("Base", (), {"model_sampling": model_sampling})})
+    class FlowSampling(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+        pass
 
-    def __call__(self, x, sigma, **_):
-        return self.denoise(x, sigma)
+    sampling = FlowSampling(model.model.model_config)
+    sampling.set_parameters(shift=shift, multiplier=1000)
+    patched = model.clone()
+    patched.add_object_patch("model_sampling", sampling)
+    return patched
 
 
-def test_one_branch_reproduces_comfyui_euler_and_ancestral_bit_for_bit(tiny_model):
-    import comfy.k_diffusion.sampling as kd
+def s_noise_of(model_sampling, applies_noise_scale):
+    """s_noise as the sampler uses it: ComfyUI 0.33 multiplies it by the model's noise scale in the
+    samplers marked here; 0.3.75 has no noise scale (1.0)."""
+    return 1.0 * getattr(model_sampling, "noise_scale", 1.0) if applies_noise_scale else 1.0
+
+
+def brownian(x, sigmas, seed, cpu):
+    from comfy.k_diffusion import sampling as kd
+
+    sigma_min, sigma_max = sigmas[sigmas > 0].min(), sigmas.max()
+    return kd.BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=seed, cpu=cpu)
+
+
+def default_noise(x, seed):
+    from comfy.k_diffusion import sampling as kd
+
+    return kd.default_noise_sampler(x, seed=seed)
+
+
+def _rf(ms):
+    import comfy.model_sampling
+
+    return isinstance(ms, comfy.model_sampling.CONST)
+
+
+def _lms_coefficient():
+    from comfy.k_diffusion import sampling as kd
+
+    return kd.linear_multistep_coeff
+
+
+# name -> (make_step(model_sampling, x, original sigmas, seed), offsets the first sigma like the SDE samplers)
+SAMPLERS = {
+    "euler": (lambda ms, x, sigmas, seed: EulerStep(), False),
+    "euler_ancestral": (
+        lambda ms, x, sigmas, seed: AncestralRFStep(default_noise(x, seed), s_noise=s_noise_of(ms, True))
+        if _rf(ms) else AncestralStep(default_noise(x, seed)),
+        False,
+    ),
+    "heun": (lambda ms, x, sigmas, seed: HeunStep(), False),
+    "lms": (lambda ms, x, sigmas, seed: LMSStep(coefficient=_lms_coefficient()), False),
+    "dpmpp_2m": (lambda ms, x, sigmas, seed: DPMPP2MStep(), False),
+    "dpmpp_sde": (
+        lambda ms, x, sigmas, seed: DPMPPSDEStep(brownian(x, sigmas, seed, True), s_noise=s_noise_of(ms, True),
+                                                 rectified_flow=_rf(ms)),
+        True,
+    ),
+    "dpmpp_sde_gpu": (
+        lambda ms, x, sigmas, seed: DPMPPSDEStep(brownian(x, sigmas, seed, False), s_noise=s_noise_of(ms, True),
+                                                 rectified_flow=_rf(ms)),
+        True,
+    ),
+    "dpmpp_2m_sde": (
+        lambda ms, x, sigmas, seed: DPMPP2MSDEStep(brownian(x, sigmas, seed, True), s_noise=s_noise_of(ms, True),
+                                                   rectified_flow=_rf(ms)),
+        True,
+    ),
+    "dpmpp_2m_sde_gpu": (
+        lambda ms, x, sigmas, seed: DPMPP2MSDEStep(brownian(x, sigmas, seed, False), s_noise=s_noise_of(ms, True),
+                                                   rectified_flow=_rf(ms)),
+        True,
+    ),
+    "dpmpp_2m_sde_heun": (
+        lambda ms, x, sigmas, seed: DPMPP2MSDEStep(brownian(x, sigmas, seed, True), s_noise=s_noise_of(ms, True),
+                                                   solver_type="heun", rectified_flow=_rf(ms)),
+        True,
+    ),
+    "dpmpp_3m_sde": (
+        lambda ms, x, sigmas, seed: DPMPP3MSDEStep(brownian(x, sigmas, seed, True), s_noise=s_noise_of(ms, True),
+                                                   rectified_flow=_rf(ms)),
+        True,
+    ),
+    "dpmpp_3m_sde_gpu": (
+        lambda ms, x, sigmas, seed: DPMPP3MSDEStep(brownian(x, sigmas, seed, False), s_noise=s_noise_of(ms, True),
+                                                   rectified_flow=_rf(ms)),
+        True,
+    ),
+    "lcm": (lambda ms, x, sigmas, seed: LCMStep(default_noise(x, seed), ms.noise_scaling), False),
+    "res_multistep": (lambda ms, x, sigmas, seed: ResMultistepStep(), False),
+    "res_multistep_ancestral": (
+        lambda ms, x, sigmas, seed: ResMultistepStep(default_noise(x, seed), eta=1.0, s_noise=s_noise_of(ms, True)),
+        False,
+    ),
+}
+
+
+def lockstep_sampler(name, with_aux=False, record=None):
+    """A KSAMPLER whose function runs amdm_core's step for `name` over the sigmas ComfyUI hands it (one
+    branch, or with an aux branch of weight 0 and p = 0 inside a window of 3 steps)."""
+    import comfy.samplers
+    from comfy.k_diffusion import sampling as kd
+
+    make_step, offsets_first_sigma = SAMPLERS[name]
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        seed = extra_args.get("seed")
+        model_sampling = model.inner_model.model_patcher.get_model_object("model_sampling")
+        run_sigmas = kd.offset_first_sigma_for_snr(sigmas, model_sampling) if offsets_first_sigma else sigmas
+        denoisers = [lambda x_in, sigma: model(x_in, sigma, **extra_args)]
+        latents = [x]
+        if with_aux:
+            aux_x = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1)) * sigmas[0]
+            denoisers.append(lambda x_in, sigma: model(x_in, sigma, **extra_args) * 0.5)
+            latents.append(aux_x)
+        seeds = [seed, seed + 1]
+        result = run_lockstep(denoisers, latents, run_sigmas, aggregation_steps=3 if with_aux else 0,
+                              weights=[0.0] * (len(denoisers) - 1), deviation_steps=0.0, mean_mode="exact",
+                              make_step=lambda k: make_step(model_sampling, latents[k], sigmas, seeds[k]))
+        if record is not None:
+            record.append(result.model_calls)
+        return result.x
+
+    return comfy.samplers.KSAMPLER(sample)
+
+
+@pytest.fixture(scope="module")
+def guiders(tiny_model, one_torch_thread):
     import comfy.samplers
 
-    model_sampling = tiny_model.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(model_sampling, "ddim_uniform", 20).float()
-    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
-    denoise = toy_denoiser(0)
-
-    expected = kd.sample_euler(_KDiffusionModel(denoise, model_sampling), x.clone(), sigmas, disable=True)
-    ours = run_lockstep([denoise], [x], sigmas, aggregation_steps=0, weights=[])
-    assert torch.equal(ours.x, expected)
-    # an aux branch with weight 0 and p = 0 inside a 10-step window changes nothing
-    joint = run_lockstep([denoise, toy_denoiser(1)], [x, x.flip(0)], sigmas, aggregation_steps=10, weights=[0.0],
-                         deviation_steps=0.0, sigma_table=model_sampling.sigmas)
-    assert torch.equal(joint.x, expected)
-
-    def noise_sampler(seed):
-        gen = torch.Generator().manual_seed(seed)
-        return lambda sigma, sigma_next: torch.randn(x.shape, generator=gen)
-
-    expected = kd.sample_euler_ancestral(_KDiffusionModel(denoise, model_sampling), x.clone(), sigmas, disable=True,
-                                         noise_sampler=noise_sampler(5))
-    ours = run_lockstep([denoise], [x], sigmas, aggregation_steps=0, weights=[],
-                        make_step=lambda k: AncestralStep(noise_sampler(5)))
-    assert torch.equal(ours.x, expected)
+    gen = torch.Generator().manual_seed(11)
+    positive = [[torch.randn(1, 77, 768, generator=gen), {}]]
+    negative = [[torch.randn(1, 77, 768, generator=gen), {}]]
+    out = {}
+    for family, patcher in (("eps", tiny_model), ("flow", flow_patcher(tiny_model))):
+        guider = comfy.samplers.CFGGuider(patcher)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(2.5)
+        out[family] = guider
+    return out
 
 
-def test_one_branch_reproduces_comfyui_dpmpp_2m_and_keeps_history_per_branch(tiny_model):
-    import comfy.k_diffusion.sampling as kd
+def family_sigmas(guider, family):
     import comfy.samplers
 
-    model_sampling = tiny_model.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(model_sampling, "karras", 12).float()
-    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * sigmas[0]
-    denoise = toy_denoiser(2)
-    expected = kd.sample_dpmpp_2m(_KDiffusionModel(denoise, model_sampling), x.clone(), sigmas, disable=True)
-    ours = run_lockstep([denoise], [x], sigmas, aggregation_steps=0, weights=[], make_step=lambda k: DPMPP2MStep())
-    assert torch.equal(ours.x, expected)
-    # with an aux branch at weight 0 and p = 0 the main branch's history is its own: still identical
-    joint = run_lockstep([denoise, toy_denoiser(3)], [x, x.flip(0)], sigmas, aggregation_steps=6, weights=[0.0],
-                         deviation_steps=0.0, sigma_table=model_sampling.sigmas, make_step=lambda k: DPMPP2MStep())
-    assert torch.equal(joint.x, expected)
+    model_sampling = guider.model_patcher.get_model_object("model_sampling")
+    return comfy.samplers.calculate_sigmas(model_sampling, "karras" if family == "eps" else "simple", STEPS)
+
+
+@pytest.mark.parametrize("family", ["eps", "flow"])
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_one_branch_reproduces_comfyui_sampler_bit_for_bit(guiders, family, name):
+    import comfy.samplers
+
+    guider = guiders[family]
+    sigmas = family_sigmas(guider, family)
+    if family == "flow":
+        assert float(sigmas[0]) == 1.0  # the SDE samplers' first-sigma offset is exercised
+    noise = torch.randn(LATENT, generator=torch.Generator().manual_seed(3))
+    latent = torch.zeros(LATENT)
+    expected = guider.sample(noise, latent, comfy.samplers.sampler_object(name), sigmas, seed=42)
+    calls = []
+    ours = guider.sample(noise, latent, lockstep_sampler(name, record=calls), sigmas, seed=42)
+    assert torch.isfinite(expected).all()
+    assert torch.equal(ours, expected)
+    step_type = type(SAMPLERS[name][0](guider.model_patcher.get_model_object("model_sampling"), noise, sigmas, 0))
+    assert calls == [expected_model_calls(STEPS, 1, 0, step_type)]
+    # with an aux branch of weight 0 and p = 0 in a 3-step window the main branch is untouched
+    joint_calls = []
+    joint = guider.sample(noise, latent, lockstep_sampler(name, with_aux=True, record=joint_calls), sigmas, seed=42)
+    assert torch.equal(joint, expected)
+    assert joint_calls == [expected_model_calls(STEPS, 2, 3, step_type)]
