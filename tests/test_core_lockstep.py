@@ -15,6 +15,7 @@ from amdm_core import (
     AncestralStep,
     DPMPP2MSDEStep,
     DPMPPSDEStep,
+    FLOW_SPACE,
     EulerStep,
     HeunStep,
     ddim_uniform_sigmas,
@@ -66,10 +67,18 @@ def spec_aggregate(ys, weights, mode):
     return merged
 
 
-def spec_loop(denoisers, init, sigmas, s, weights, mode, p, mean_mode, table):
-    """Spec section 3, float64. Returns the final latents of all branches."""
+FAMILY_SCALES = {  # (a(sigma), b(sigma)) of x = a x0 + b eps, docs/algorithm.md
+    "eps": lambda sigma: (1.0, sigma),
+    "flow": lambda sigma: (1.0 - sigma, sigma),
+}
+
+
+def spec_loop(denoisers, init, sigmas, s, weights, mode, p, mean_mode, table, family="eps"):
+    """Spec section 3, float64, in the family's space x = a x0 + b eps (DDIM: y = a' D + b' eps, VP latent
+    x / sqrt(a^2 + b^2)). Returns the final latents of all branches."""
     sig = sigmas.double().numpy()
-    tab = table.double().numpy()
+    tab = None if table is None else table.double().numpy()
+    scales = FAMILY_SCALES[family]
     n = len(denoisers)
     x = [t.double().numpy() for t in init]
     prev_eps = [None] * n
@@ -78,26 +87,27 @@ def spec_loop(denoisers, init, sigmas, s, weights, mode, p, mean_mode, table):
     for i in range(len(sig) - 1):
         active = range(n) if i <= s else [0]
         y, eps = list(x), list(prev_eps)
-        abar, abar_next = 1 / (1 + sig[i] ** 2), 1 / (1 + sig[i + 1] ** 2)
+        a, b = scales(sig[i])
+        a_next, b_next = scales(sig[i + 1])
+        vp_scale, vp_scale_next = np.hypot(a, b), np.hypot(a_next, b_next)
         for k in active:
             d = denoisers[k](torch.from_numpy(x[k]), torch.full((batch,), sig[i], dtype=torch.float64)).numpy()
-            eps[k] = (x[k] - d) / sig[i]
-            y_vp = np.sqrt(abar_next) * d + np.sqrt(1 - abar_next) * eps[k]  # DDIM, eta 0
-            y[k] = y_vp / np.sqrt(abar_next)
+            eps[k] = (x[k] - a * d) / b
+            y[k] = a_next * d + b_next * eps[k]  # DDIM, eta 0
         if 1 <= i <= s:
-            xbar_vp = spec_aggregate(y, weights, mode) * np.sqrt(abar_next)
+            xbar_vp = spec_aggregate(y, weights, mode) / vp_scale_next
             corrected = []
             for k in range(n):
                 if mean_mode == "reference":
                     tau = int(np.argmin(np.abs(np.log(tab) - np.log(sig[i - 1]))))
                     ab_tau = 1 / (1 + tab[tau] ** 2)
                     alpha = ab_tau / (1.0 if tau == 0 else 1 / (1 + tab[tau - 1] ** 2))
-                    mu = (x[k] * np.sqrt(abar) - (1 - alpha) / np.sqrt(1 - ab_tau) * prev_eps[k]) / np.sqrt(alpha)
+                    mu = (x[k] / vp_scale - (1 - alpha) / np.sqrt(1 - ab_tau) * prev_eps[k]) / np.sqrt(alpha)
                 else:
-                    mu = y[k] * np.sqrt(abar_next)
+                    mu = y[k] / vp_scale_next
                 diff = per_item(xbar_vp - mu)
                 unit = diff / np.linalg.norm(diff, axis=1, keepdims=True)
-                corrected.append((per_item(xbar_vp) - p[k] * unit).reshape(xbar_vp.shape) / np.sqrt(abar_next))
+                corrected.append((per_item(xbar_vp) - p[k] * unit).reshape(xbar_vp.shape) * vp_scale_next)
             y = corrected
         for k in active:
             x[k], prev_eps[k] = y[k], eps[k]
@@ -151,6 +161,41 @@ STEP_CALLS = {
     "dpmpp_sde": (lambda k: DPMPPSDEStep(randn_sampler(k)), 2, 1),
     "dpmpp_2m_sde": (lambda k: DPMPP2MSDEStep(randn_sampler(k)), 1, 1),
 }
+
+
+def flow_sigmas(steps, shift=3.0):
+    """A rectified-flow schedule from sigma 1 (pure noise) to 0, time-shifted as SD3 does."""
+    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return (shift * t / (1 + (shift - 1) * t)).float()
+
+
+FLOW_CONFIGS = [
+    # (branches, s, aggregation, p, weights)
+    (2, 4, "sequential", [0.3, 0.3], [0.5]),
+    (3, 3, "paper", [0.3, 0.2, 0.4], [0.5, 0.6]),
+    (2, 9, "linear", [0.1, 0.6], [0.7]),  # window covers every step
+]
+
+
+@pytest.mark.parametrize("n, s, mode, p, weights", FLOW_CONFIGS)
+@pytest.mark.parametrize("mean_mode", ["exact", "auto"])  # a flow model has no DDPM table: auto is exact
+def test_flow_loop_matches_a_transcription_of_the_spec(n, s, mode, p, weights, mean_mode):
+    sigmas = flow_sigmas(10)
+    denoisers = [make_denoiser(k) for k in range(n)]
+    init = initial_latents(n, 1.0, seed=20 + n + s)
+    result = run_lockstep(denoisers, init, sigmas, aggregation_steps=s, weights=weights, aggregation=mode,
+                          deviation_steps=p, mean_mode=mean_mode, space=FLOW_SPACE)
+    expected = spec_loop(denoisers, init, sigmas, s, weights, mode, p, "exact", None, family="flow")
+    np.testing.assert_allclose(result.x.numpy(), expected[0], rtol=1e-4, atol=2e-4)
+    if s < 9:
+        stopped = spec_loop(denoisers, init, sigmas[: s + 2], s, weights, mode, p, "exact", None, family="flow")
+        for k in range(1, n):
+            np.testing.assert_allclose(result.branch_latents[k].numpy(), stopped[k], rtol=1e-4, atol=2e-4)
+    # sensitive to the space: the same run transcribed in the eps space is far away
+    eps_space = spec_loop(denoisers, init, sigmas, s, weights, mode, p, "exact", None, family="eps")
+    assert np.abs(eps_space[0] - expected[0]).max() > 1e-2
+    plain = spec_loop(denoisers[:1], init[:1], sigmas, 0, [], mode, p, "exact", None, family="flow")[0]
+    assert np.abs(plain - expected[0]).max() > 1e-2
 
 
 @settings(max_examples=30, deadline=None)
