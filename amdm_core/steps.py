@@ -415,3 +415,264 @@ class ResMultistepStep:
             x = x + self.noise_sampler(sigma, sigma_next) * self.s_noise * sigma_up
         self.previous = (denoised, sigma_down, sigma)
         return x
+
+
+def _dpm_solver_2(x, d, sigma, sigma_to, denoise):
+    """The DPM-Solver-2 step of k-diffusion's dpm_2 samplers, sigma -> sigma_to through the log-midpoint
+    sigma_mid = exp((log sigma + log sigma_to) / 2): x2 = x + (sigma_mid - sigma) d,
+    x_next = x + (sigma_to - sigma) (x2 - D(x2, sigma_mid)) / sigma_mid."""
+    sigma_mid = sigma.log().lerp(sigma_to.log(), 0.5).exp()
+    x_2 = x + d * (sigma_mid - sigma)
+    d_2 = _derivative(x_2, denoise(x_2, _batch_sigma(sigma_mid, x)), sigma_mid)
+    return x + d_2 * (sigma_to - sigma)
+
+
+class DPM2Step:
+    """DPM-Solver-2 ("dpm_2", no churn): the log-midpoint step (_dpm_solver_2) to sigma_next, two model
+    calls; a plain Euler step into sigma_next = 0."""
+
+    CALLS_PER_STEP, CALLS_TO_ZERO = 2, 1
+
+    def __call__(self, x, denoised, sigma, sigma_next, denoise):
+        d = _derivative(x, denoised, sigma)
+        if sigma_next == 0:
+            return x + d * (sigma_next - sigma)
+        return _dpm_solver_2(x, d, sigma, sigma_next, denoise)
+
+
+class DPM2AncestralStep(AncestralStep):
+    """DPM-Solver-2 ancestral ("dpm_2_ancestral", eps models): the log-midpoint step to sigma_down, then
+    s_noise * sigma_up * noise; an Euler step when sigma_down is 0 (ancestral_sigmas)."""
+
+    CALLS_PER_STEP, CALLS_TO_ZERO = 2, 1
+
+    def __call__(self, x, denoised, sigma, sigma_next, denoise):
+        sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next, self.eta)
+        d = _derivative(x, denoised, sigma)
+        if sigma_down == 0:
+            return x + d * (sigma_down - sigma)
+        x = _dpm_solver_2(x, d, sigma, sigma_down, denoise)
+        return x + self.noise_sampler(sigma, sigma_next) * self.s_noise * sigma_up
+
+
+def _flow_down_and_renoise(sigma, sigma_next, eta):
+    """The rectified-flow ancestral split (see AncestralRFStep): sigma_down, the signal ratio
+    (1 - sigma_next) / (1 - sigma_down) and the renoise coefficient."""
+    sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
+    signal_next, signal_down = 1 - sigma_next, 1 - sigma_down
+    renoise = (sigma_next**2 - sigma_down**2 * signal_next**2 / signal_down**2) ** 0.5
+    return sigma_down, signal_next / signal_down, renoise
+
+
+class DPM2AncestralRFStep(AncestralStep):
+    """DPM-Solver-2 ancestral for rectified flow ("dpm_2_ancestral" on a CONST model): the log-midpoint
+    step to the flow sigma_down, then x_next = ((1 - sigma_next)/(1 - sigma_down)) x' + s_noise renoise
+    noise (AncestralRFStep's split); an Euler step, no noise, when sigma_down is 0."""
+
+    CALLS_PER_STEP, CALLS_TO_ZERO = 2, 1
+
+    def __call__(self, x, denoised, sigma, sigma_next, denoise):
+        sigma_down, signal_ratio, renoise = _flow_down_and_renoise(sigma, sigma_next, self.eta)
+        d = _derivative(x, denoised, sigma)
+        if sigma_down == 0:
+            return x + d * (sigma_down - sigma)
+        x = _dpm_solver_2(x, d, sigma, sigma_down, denoise)
+        return signal_ratio * x + self.noise_sampler(sigma, sigma_next) * self.s_noise * renoise
+
+
+class DPMPP2SAncestralStep(AncestralStep):
+    """DPM-Solver++(2S) ancestral ("dpmpp_2s_ancestral", eps models), t = -log(sigma), to sigma_down
+    through the midpoint s = t + h/2 (h = t_down - t):
+
+        x2 = (sigma_s / sigma) x - expm1(-h/2) D,   x' = (sigma_down / sigma) x - expm1(-h) D(x2, sigma_s)
+        x_next = x' + s_noise sigma_up noise  (sigma_next > 0)
+    an Euler step when sigma_down is 0."""
+
+    CALLS_PER_STEP, CALLS_TO_ZERO = 2, 1
+
+    def __call__(self, x, denoised, sigma, sigma_next, denoise):
+        sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next, self.eta)
+        if sigma_down == 0:
+            x = x + _derivative(x, denoised, sigma) * (sigma_down - sigma)
+        else:
+            t, t_next = sigma.log().neg(), sigma_down.log().neg()
+            h = t_next - t
+            s = t + 0.5 * h
+            x_2 = (s.neg().exp() / t.neg().exp()) * x - (-h * 0.5).expm1() * denoised
+            denoised_2 = denoise(x_2, _batch_sigma(s.neg().exp(), x))
+            x = (t_next.neg().exp() / t.neg().exp()) * x - (-h).expm1() * denoised_2
+        if sigma_next > 0:
+            x = x + self.noise_sampler(sigma, sigma_next) * self.s_noise * sigma_up
+        return x
+
+
+class DPMPP2SAncestralRFStep(AncestralStep):
+    """DPM-Solver++(2S) ancestral for rectified flow ("dpmpp_2s_ancestral" on a CONST model): with the
+    flow split (AncestralRFStep) and lambda = log((1 - sigma)/sigma), the midpoint sigma_s at
+    (lambda + lambda_down)/2 (0.9999 when sigma = 1):
+
+        u = (sigma_s/sigma) x + (1 - sigma_s/sigma) D,  x' = (sigma_down/sigma) x + (1 - sigma_down/sigma) D(u, sigma_s)
+        x_next = ((1 - sigma_next)/(1 - sigma_down)) x' + s_noise renoise noise   (eta > 0)
+    an Euler step into sigma_next = 0."""
+
+    CALLS_PER_STEP, CALLS_TO_ZERO = 2, 1
+
+    def __call__(self, x, denoised, sigma, sigma_next, denoise):
+        sigma_down, signal_ratio, renoise = _flow_down_and_renoise(sigma, sigma_next, self.eta)
+        if sigma_next == 0:
+            return x + _derivative(x, denoised, sigma) * (sigma_down - sigma)
+        if sigma == 1.0:
+            sigma_s = 0.9999
+        else:
+            t_i, t_down = ((1 - sigma) / sigma).log(), ((1 - sigma_down) / sigma_down).log()
+            sigma_s = ((t_i + 0.5 * (t_down - t_i)).exp() + 1) ** -1
+        s_ratio = sigma_s / sigma
+        u = s_ratio * x + (1 - s_ratio) * denoised
+        denoised_2 = denoise(u, _batch_sigma(sigma_s, x))
+        down_ratio = sigma_down / sigma
+        x = down_ratio * x + (1 - down_ratio) * denoised_2
+        if self.eta > 0:
+            x = signal_ratio * x + self.noise_sampler(sigma, sigma_next) * self.s_noise * renoise
+        return x
+
+
+class DDPMStep:
+    """Ancestral DDPM ("ddpm"), in the VP form of an eps model (abar = 1/(1 + sigma^2), whatever the
+    family, as ComfyUI does): alpha = abar / abar_next, X = x / sqrt(1 + sigma^2), eps = (x - D)/sigma,
+
+        mu = (X - (1 - alpha) eps / sqrt(1 - abar)) / sqrt(alpha)
+             + sqrt((1 - alpha)(1 - abar_next)/(1 - abar)) noise        (sigma_next > 0)
+        x_next = mu sqrt(1 + sigma_next^2)   (x_next = mu at sigma_next = 0)
+    """
+
+    CALLS_PER_STEP = CALLS_TO_ZERO = 1
+
+    def __init__(self, noise_sampler):
+        self.noise_sampler = noise_sampler
+
+    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+        x_vp = x / torch.sqrt(1.0 + sigma**2.0)
+        eps = (x - denoised) / sigma
+        alpha_bar = 1 / ((sigma * sigma) + 1)
+        alpha_bar_next = 1 / ((sigma_next * sigma_next) + 1)
+        alpha = alpha_bar / alpha_bar_next
+        mu = (1.0 / alpha).sqrt() * (x_vp - (1 - alpha) * eps / (1 - alpha_bar).sqrt())
+        if sigma_next > 0:
+            mu = mu + ((1 - alpha) * (1.0 - alpha_bar_next) / (1.0 - alpha_bar)).sqrt() * self.noise_sampler(sigma, sigma_next)
+        if sigma_next != 0:
+            mu = mu * torch.sqrt(1.0 + sigma_next**2.0)
+        return mu
+
+
+class _DerivativeHistory:
+    """The last max_order - 1 derivatives d = (x - D)/sigma (and sigmas) of this branch, oldest first."""
+
+    CALLS_PER_STEP = CALLS_TO_ZERO = 1
+
+    def __init__(self, max_order):
+        self.max_order = max_order
+        self.derivatives = []
+        self.seen_sigmas = []
+
+    def _remember(self, d, sigma):
+        self.derivatives = (self.derivatives + [d])[-(self.max_order - 1):] if self.max_order > 1 else []
+        self.seen_sigmas.append(sigma)
+
+
+class IPNDMStep(_DerivativeHistory):
+    """Improved PNDM ("ipndm"): Adams-Bashforth on this branch's derivatives d (newest d_0), order
+    min(max_order, i + 1), dt = sigma_next - sigma:
+
+        1: x + dt d_0;  2: x + dt (3 d_0 - d_1)/2;  3: x + dt (23 d_0 - 16 d_1 + 5 d_2)/12;
+        4: x + dt (55 d_0 - 59 d_1 + 37 d_2 - 9 d_3)/24;   x_next = D at sigma_next = 0
+    """
+
+    def __init__(self, max_order=4):
+        super().__init__(max_order)
+
+    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+        d = (x - denoised) / sigma
+        b = self.derivatives
+        order = min(self.max_order, len(self.seen_sigmas) + 1)
+        dt = sigma_next - sigma
+        if sigma_next == 0:
+            x_next = denoised
+        elif order == 1:
+            x_next = x + dt * d
+        elif order == 2:
+            x_next = x + dt * (3 * d - b[-1]) / 2
+        elif order == 3:
+            x_next = x + dt * (23 * d - 16 * b[-1] + 5 * b[-2]) / 12
+        else:
+            x_next = x + dt * (55 * d - 59 * b[-1] + 37 * b[-2] - 9 * b[-3]) / 24
+        self._remember(d, sigma)
+        return x_next
+
+
+class IPNDMVStep(_DerivativeHistory):
+    """Improved PNDM with variable steps ("ipndm_v"): the Adams-Bashforth weights of `IPNDMStep` for the
+    uneven spacing h_n = sigma_next - sigma, h_{n-k} = the earlier steps of this branch's schedule
+    (the coefficient formulas of Zhang & Chen's iPNDM-v, written in k-diffusion's operation order)."""
+
+    def __init__(self, max_order=4):
+        super().__init__(max_order)
+
+    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+        d = (x - denoised) / sigma
+        b, t = self.derivatives, self.seen_sigmas
+        order = min(self.max_order, len(t) + 1)
+        h_n = sigma_next - sigma
+        if sigma_next == 0:
+            x_next = denoised
+        elif order == 1:
+            x_next = x + (sigma_next - sigma) * d
+        elif order == 2:
+            h_n_1 = sigma - t[-1]
+            coeff1 = (2 + (h_n / h_n_1)) / 2
+            coeff2 = -(h_n / h_n_1) / 2
+            x_next = x + (sigma_next - sigma) * (coeff1 * d + coeff2 * b[-1])
+        elif order == 3:
+            h_n_1, h_n_2 = sigma - t[-1], t[-1] - t[-2]
+            temp = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
+            coeff1 = (2 + (h_n / h_n_1)) / 2 + temp
+            coeff2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp
+            coeff3 = temp * h_n_1 / h_n_2
+            x_next = x + (sigma_next - sigma) * (coeff1 * d + coeff2 * b[-1] + coeff3 * b[-2])
+        else:
+            h_n_1, h_n_2, h_n_3 = sigma - t[-1], t[-1] - t[-2], t[-2] - t[-3]
+            temp1 = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
+            temp2 = ((1 - h_n / (3 * (h_n + h_n_1))) / 2 + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2))) \
+                * (h_n * (h_n + h_n_1) * (h_n + h_n_1 + h_n_2)) / (h_n_1 * (h_n_1 + h_n_2) * (h_n_1 + h_n_2 + h_n_3))
+            ratio = h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))
+            coeff1 = (2 + (h_n / h_n_1)) / 2 + temp1 + temp2
+            coeff2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp1 - (1 + (h_n_1 / h_n_2) + ratio) * temp2
+            coeff3 = temp1 * h_n_1 / h_n_2 + ((h_n_1 / h_n_2) + ratio * (1 + h_n_2 / h_n_3)) * temp2
+            coeff4 = -temp2 * ratio * h_n_1 / h_n_2
+            x_next = x + (sigma_next - sigma) * (coeff1 * d + coeff2 * b[-1] + coeff3 * b[-2] + coeff4 * b[-3])
+        self._remember(d, sigma)
+        return x_next
+
+
+class DEISStep(_DerivativeHistory):
+    """DEIS multistep ("deis"): x_next = x + sum_j c_{i,j} d_{i-j} with this branch's derivative history
+    and the schedule's coefficient table c (order min(max_order, i + 1); an Euler step at order 1 and
+    into sigma_next <= 0). coefficients[i] are the step-i weights, newest first, computed once from the
+    whole schedule by the caller (ComfyUI: k-diffusion's deis.get_deis_coeff_list(sigmas, max_order))."""
+
+    def __init__(self, coefficients, max_order=3):
+        super().__init__(max_order)
+        self.coefficients = coefficients
+
+    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+        d = (x - denoised) / sigma
+        i = len(self.seen_sigmas)
+        order = 1 if sigma_next <= 0 else min(self.max_order, i + 1)
+        if order == 1:
+            x_next = x + (sigma_next - sigma) * d
+        else:
+            weights = self.coefficients[i]
+            x_next = x + weights[0] * d
+            for weight, previous in zip(weights[1:order], reversed(self.derivatives)):
+                x_next = x_next + weight * previous
+        self._remember(d, sigma)
+        return x_next

@@ -16,12 +16,21 @@ import torch
 from amdm_core import (
     AncestralRFStep,
     AncestralStep,
+    DDPMStep,
+    DEISStep,
+    DPM2AncestralRFStep,
+    DPM2AncestralStep,
+    DPM2Step,
     DPMPP2MSDEStep,
     DPMPP2MStep,
+    DPMPP2SAncestralRFStep,
+    DPMPP2SAncestralStep,
     DPMPP3MSDEStep,
     DPMPPSDEStep,
     EulerStep,
     HeunStep,
+    IPNDMStep,
+    IPNDMVStep,
     LCMStep,
     LMSStep,
     ResMultistepStep,
@@ -89,6 +98,12 @@ def _rf(ms):
     return isinstance(ms, comfy.model_sampling.CONST)
 
 
+def _deis_coefficients(sigmas):
+    from comfy.k_diffusion import deis
+
+    return deis.get_deis_coeff_list(sigmas, 3, deis_mode="tab")
+
+
 def _lms_coefficient():
     from comfy.k_diffusion import sampling as kd
 
@@ -142,6 +157,21 @@ SAMPLERS = {
         True,
     ),
     "lcm": (lambda ms, x, sigmas, seed: LCMStep(default_noise(x, seed), ms.noise_scaling), False),
+    "dpm_2": (lambda ms, x, sigmas, seed: DPM2Step(), False),
+    "dpm_2_ancestral": (
+        lambda ms, x, sigmas, seed: DPM2AncestralRFStep(default_noise(x, seed), s_noise=s_noise_of(ms, True))
+        if _rf(ms) else DPM2AncestralStep(default_noise(x, seed)),
+        False,
+    ),
+    "dpmpp_2s_ancestral": (
+        lambda ms, x, sigmas, seed: DPMPP2SAncestralRFStep(default_noise(x, seed), s_noise=s_noise_of(ms, True))
+        if _rf(ms) else DPMPP2SAncestralStep(default_noise(x, seed)),
+        False,
+    ),
+    "ddpm": (lambda ms, x, sigmas, seed: DDPMStep(default_noise(x, seed)), False),
+    "ipndm": (lambda ms, x, sigmas, seed: IPNDMStep(), False),
+    "ipndm_v": (lambda ms, x, sigmas, seed: IPNDMVStep(), False),
+    "deis": (lambda ms, x, sigmas, seed: DEISStep(_deis_coefficients(sigmas)), False),
     "res_multistep": (lambda ms, x, sigmas, seed: ResMultistepStep(), False),
     "res_multistep_ancestral": (
         lambda ms, x, sigmas, seed: ResMultistepStep(default_noise(x, seed), eta=1.0, s_noise=s_noise_of(ms, True)),
