@@ -10,6 +10,9 @@ The text widget is the single source of truth: the box editor only reads and wri
 """
 
 
+from .common import quote
+
+
 class BoxFormatError(ValueError):
     pass
 
@@ -22,12 +25,12 @@ def _parse_box(field, line_no, line, width, height):
         x0, y0, x1, y1 = (float(p) for p in parts)
     except ValueError:
         raise BoxFormatError(
-            f"line {line_no}: '{field.strip()}' is not a box; write four numbers 'x0, y0, x1, y1' "
-            f"in pixels (in: {line!r})") from None
+            f"line {line_no}: {quote(field.strip())} is not a box; write four numbers 'x0, y0, x1, y1' "
+            f"in pixels (in: {quote(line)})") from None
     if not (x0 < x1 and y0 < y1):
         raise BoxFormatError(
             f"line {line_no}: box {x0:g}, {y0:g}, {x1:g}, {y1:g} is empty or inverted; "
-            f"it needs x0 < x1 and y0 < y1 (in: {line!r})")
+            f"it needs x0 < x1 and y0 < y1 (in: {quote(line)})")
     if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
         raise BoxFormatError(
             f"line {line_no}: box {x0:g}, {y0:g}, {x1:g}, {y1:g} lies outside the {width}x{height} image; "
@@ -53,11 +56,11 @@ def parse_box_lines(text, phrase_names, box_names, width, height, max_items, wha
         if len(fields) != len(phrase_names) + len(box_names):
             raise BoxFormatError(
                 f"line {line_no}: expected {len(phrase_names) + len(box_names)} fields '{layout}' "
-                f"separated by '|', found {len(fields)} (in: {line!r})")
+                f"separated by '|', found {len(fields)} (in: {quote(line)})")
         phrases = tuple(fields[:len(phrase_names)])
         for name, phrase in zip(phrase_names, phrases):
             if not phrase:
-                raise BoxFormatError(f"line {line_no}: the {name} is empty (in: {line!r})")
+                raise BoxFormatError(f"line {line_no}: the {name} is empty (in: {quote(line)})")
         boxes = tuple(_parse_box(f, line_no, line, width, height) for f in fields[len(phrase_names):])
         items.append((phrases, boxes))
     if not items:

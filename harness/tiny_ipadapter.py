@@ -2,9 +2,9 @@
 
 ``write_tiny_ipadapter`` writes the public ``ip-adapter_sd15`` / ``ip-adapter-plus_sd15`` safetensors key
 layout (spelled out below, independently of the pack's loader) with random weights, sized for the tiny
-UNet (its to_k_ip / to_v_ip widths follow ``model_channels``) and for the tiny CLIP vision model.
-With ``model_channels=320, clip_embed_dim=1024, clip_hidden_dim=1280, resampler_dim=768`` it gives the
-real files' shapes (22,319,616 / 49,087,488 parameters = the 44.6 / 98.2 MB fp16 downloads).
+UNet (its to_k_ip / to_v_ip widths follow ``model_channels``) and for the tiny CLIP vision model; the plus
+Resampler has the real files' 768 width, depth 4 and 16 queries. With ``model_channels=320,
+clip_embed_dim=1024, clip_hidden_dim=1280`` it gives the real files' shapes (22,319,616 / 49,087,488 parameters = the 44.6 / 98.2 MB fp16 downloads).
 
 CLIP vision: ComfyUI 0.3.75's ``comfy.clip_vision.load`` picks the architecture from a fixed JSON by key
 presence only (encoder layer 47 -> ViT-bigG, 30 -> ViT-H, 22 -> ViT-L or SigLIP, DINOv2 layer 39/23) and
@@ -29,7 +29,7 @@ TINY_CLIP_VISION_CONFIG = {
     "image_size": 224, "patch_size": 14, "num_channels": 3, "projection_dim": 48, "hidden_act": "gelu",
     "layer_norm_eps": 1e-5, "model_type": "clip_vision_model",
 }
-TINY_RESAMPLER_DIM = 128  # 2 heads of 64 (the real plus Resampler: 768 = 12 heads of 64)
+RESAMPLER_DIM = 768  # the real plus Resampler's width (12 heads of 64), also what ComfyUI_IPAdapter_plus builds
 SD15_CROSS_ATTENTION_DIM = 768
 
 
@@ -43,7 +43,7 @@ def sd15_ip_layer_widths(model_channels):
 def ipadapter_state_dict(seed=0, model_channels=TINY_MODEL_CHANNELS, plus=False,
                          clip_embed_dim=TINY_CLIP_VISION_CONFIG["projection_dim"],
                          clip_hidden_dim=TINY_CLIP_VISION_CONFIG["hidden_size"],
-                         resampler_dim=TINY_RESAMPLER_DIM, tokens=None):
+                         resampler_dim=RESAMPLER_DIM, tokens=None):
     """The flat ``image_proj.* / ip_adapter.*`` dict (float16). Matrices ~ N(0, 1/fan_in); biases,
     norm offsets and Resampler latents are random and non-zero too, so that the projection of a zero
     image embedding (the negative side) is not trivially zero."""

@@ -29,8 +29,8 @@ SIZE = 256  # image pixels; latent 32x32
 def ids(pack_module):
     class Modules:
         model = pack_module("adapters.interactdiffusion.model")
-        weights = pack_module("adapters.interactdiffusion.weights")
-        conditioning = pack_module("adapters.interactdiffusion.conditioning")
+        load = pack_module("adapters.interactdiffusion.load")
+        patch = pack_module("adapters.interactdiffusion.patch")
         nodes = pack_module("adapters.interactdiffusion.nodes")
     return Modules
 
@@ -82,13 +82,19 @@ def plain_latent(comfy, checkpoint, encoded):
     return ksample(comfy, checkpoint[0], *encoded, steps=2)
 
 
+def carried(conditioning, entry=0):
+    """(patcher, Interactions) that InteractDiffusion Apply attached to an entry of a conditioning."""
+    control = conditioning[entry][1]["control"]
+    return control.patcher, control.interactions
+
+
 def regrounded(conditioning, patcher=None, **changes):
     """The same interactions with another model and/or strength/beta, without new CLIP encodes (the slow part)."""
     out = []
     for tokens, options in conditioning:
-        _, own_patcher, interactions = options["gligen"]
-        gligen = ("position", patcher or own_patcher, dataclasses.replace(interactions, **changes))
-        out.append([tokens, dict(options, gligen=gligen)])
+        control = options["control"]
+        changed = type(control)(patcher or control.patcher, dataclasses.replace(control.interactions, **changes))
+        out.append([tokens, dict(options, control=changed)])
     return out
 
 
@@ -231,12 +237,12 @@ def test_sd15_key_and_shape_table_matches_published_file(ids):
     assert len(table) == 16 * 17 + 17
     params = sum(math.prod(shape) for shape in table.values())
     assert abs(params * 4 / 1e6 - 841) < 1, f"{params} fp32 params is not the published 841 MB file"
-    assert ids.weights.expected_layout(320) == table
+    assert ids.load.expected_layout(320) == table
     meta = {k: torch.empty(shape, device="meta") for k, shape in table.items()}
-    assert ids.weights.validate_state_dict(meta, FILE_NAME) == 320
+    assert ids.load.validate_state_dict(meta, FILE_NAME) == 320
     meta["output_blocks.11.1.transformer_blocks.0.fuser.ff.net.2.weight"] = torch.empty(320, 320, device="meta")
-    with pytest.raises(ids.weights.InteractDiffusionFileError, match=r"ff\.net\.2\.weight is \(320, 320\), expected \(320, 1280\)"):
-        ids.weights.validate_state_dict(meta, FILE_NAME)
+    with pytest.raises(ids.load.InteractDiffusionFileError, match=r"ff\.net\.2\.weight is \(320, 320\), expected \(320, 1280\)"):
+        ids.load.validate_state_dict(meta, FILE_NAME)
 
 
 def test_tiny_writer_has_the_real_layout_at_tiny_width(id_sd):
@@ -323,7 +329,7 @@ BAD_FILES = {
 def test_loader_rejects_other_files_clearly(ids, model_dir, id_sd, file_name):
     make, message = BAD_FILES[file_name]
     _save(os.path.join(model_dir, file_name), make(id_sd))
-    with pytest.raises(ids.weights.InteractDiffusionFileError, match=message) as error:
+    with pytest.raises(ids.load.InteractDiffusionFileError, match=message) as error:
         ids.nodes.InteractDiffusionLoader().load(file_name)
     assert f"'{file_name}'" in str(error.value) and "models/interactdiffusion/" in str(error.value)
 
@@ -339,7 +345,7 @@ class _RunsCodeWhenUnpickled:
 def test_loader_refuses_files_that_need_code_execution(ids, model_dir, id_sd, tmp_path):
     marker = str(tmp_path / "code_ran")
     _save(os.path.join(model_dir, "pickled_code.pth"), dict(id_sd, payload=_RunsCodeWhenUnpickled(marker)))
-    with pytest.raises(ids.weights.InteractDiffusionFileError, match=r"'pickled_code\.pth' was refused: .*weights_only=True; nothing from the file was run"):
+    with pytest.raises(ids.load.InteractDiffusionFileError, match=r"'pickled_code\.pth' \(models/interactdiffusion/\): it was refused: .*weights_only=True; nothing from the file was run"):
         ids.nodes.InteractDiffusionLoader().load("pickled_code.pth")
     assert not os.path.exists(marker), "loading the file executed its code"
 
@@ -349,10 +355,29 @@ def test_loader_reports_truncated_and_absent_files(ids, model_dir, id_file):
         head = source.read(4096)
     with open(os.path.join(model_dir, "truncated.pth"), "wb") as target:
         target.write(head)
-    with pytest.raises(ids.weights.InteractDiffusionFileError, match=r"'truncated\.pth' could not be read .*incomplete"):
+    with pytest.raises(ids.load.InteractDiffusionFileError, match=r"'truncated\.pth' \(models/interactdiffusion/\): it is an incomplete PyTorch archive"):
         ids.nodes.InteractDiffusionLoader().load("truncated.pth")
-    with pytest.raises(FileNotFoundError, match=r"'nope\.pth' not found in models/interactdiffusion/ .*jiuntian/interactiondiffusion-weight"):
+    with pytest.raises(ids.load.InteractDiffusionFileError, match=r"'nope\.pth' not found in models/interactdiffusion/ .*jiuntian/interactiondiffusion-weight"):
         ids.nodes.InteractDiffusionLoader().load("nope.pth")
+
+
+NOT_CHECKPOINTS = {
+    "page.pth": (b"\n<!DOCTYPE html><html><head><title>Hugging Face</title></head></html>", "it is a web page (HTML)"),
+    "random.pth": (bytes(range(7, 256)) * 40, "it is not a checkpoint"),
+    "empty.pth": (b"", "it is empty (0 bytes)"),
+}
+
+
+@pytest.mark.parametrize("file_name", sorted(NOT_CHECKPOINTS))
+def test_loader_calls_web_pages_and_random_bytes_not_a_checkpoint(ids, model_dir, file_name):
+    content, message = NOT_CHECKPOINTS[file_name]
+    with open(os.path.join(model_dir, file_name), "wb") as fh:
+        fh.write(content)
+    with pytest.raises(ids.load.InteractDiffusionFileError) as error:
+        ids.nodes.InteractDiffusionLoader().load(file_name)
+    text = str(error.value)
+    assert message in text and "pickled" not in text, text
+    assert f"'{file_name}' (models/interactdiffusion/)" in text and "Put the add-on file ext_interactdiff_v1.2.pth" in text
 
 
 # ---------------------------------------------------------------- architecture against transcriptions
@@ -363,9 +388,9 @@ def test_position_net_tokens_match_the_published_formula(ids, id_model, id_sd):
               [0.1, 0.2, 0.5, 0.9], [0.4, 0.1, 0.95, 0.6]),
              (torch.randn(768, generator=gen), torch.randn(768, generator=gen), torch.randn(768, generator=gen),
               [0.6, 0.6, 0.9, 0.8], [0.05, 0.1, 0.3, 0.35])]
-    interactions = ids.conditioning.Interactions(
+    interactions = ids.patch.Interactions(
         torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items]), torch.stack([i[2] for i in items]),
-        torch.tensor([i[3] for i in items]), torch.tensor([i[4] for i in items]), 1.0, 1.0)
+        torch.tensor([i[3] for i in items]), torch.tensor([i[4] for i in items]), 1.0, 1.0, SIZE, SIZE)
     model = id_model.model
     tokens = model.tokens(interactions, torch.device("cpu"))
     assert tokens.shape == (1, 90, 768)
@@ -388,11 +413,14 @@ def test_fuser_matches_the_published_gated_self_attention(id_model, id_sd):
 
 # ---------------------------------------------------------------- Apply node
 
-def test_apply_attaches_interactions_like_gligen(ids, checkpoint, encoded, id_model, grounded):
+def test_apply_attaches_interactions_for_both_passes(ids, checkpoint, encoded, id_model, grounded):
     positive, _ = encoded
-    assert all("gligen" not in entry[1] for entry in positive), "the input conditioning was modified"
-    kind, patcher, interactions = grounded[0][1]["gligen"]
-    assert kind == "position" and patcher is id_model and torch.equal(grounded[0][0], positive[0][0])
+    assert all("control" not in entry[1] for entry in positive), "the input conditioning was modified"
+    patcher, interactions = carried(grounded)
+    assert patcher is id_model and torch.equal(grounded[0][0], positive[0][0])
+    # ComfyUI copies a control marked so onto the negative: one object, so cond and uncond batch together
+    assert grounded[0][1]["control_apply_to_uncond"] is True
+    assert grounded[0][1]["control"].get_models() == [id_model]
     assert interactions.count == 2 and (interactions.strength, interactions.beta) == (1.0, 1.0)
     torch.testing.assert_close(interactions.subject_boxes[0], torch.tensor([16, 40, 120, 200]) / 256.0)
     torch.testing.assert_close(interactions.object_boxes[1], torch.tensor([180, 60, 230, 120]) / 256.0)
@@ -433,25 +461,56 @@ def test_apply_rejects_wrong_wiring(ids, checkpoint, encoded, id_model, grounded
 
 # ---------------------------------------------------------------- sampling
 
-def test_fuser_runs_in_all_16_blocks_with_null_objects_for_uncond(ids, comfy, checkpoint, encoded, id_model, id_sd,
-                                                                 grounded, plain_latent):
-    cond_tokens = transcribed_tokens(id_sd, token_items(grounded[0][1]["gligen"][2]))
+def split_passes(model):
+    """A clone of ``model`` that runs every batched UNet call as one call per cond/uncond chunk (what
+    ComfyUI does when the chunks cannot be batched), with the same patches; the returned list counts calls."""
+    calls = []
+    clone = model.clone()
+
+    def wrapper(apply_model, args):
+        kinds = args["cond_or_uncond"]
+        n = len(kinds)
+        outputs = []
+        for index, kind in enumerate(kinds):
+            c = {k: (v.chunk(n)[index] if isinstance(v, torch.Tensor) else v) for k, v in args["c"].items()}
+            c["transformer_options"] = dict(args["c"]["transformer_options"], cond_or_uncond=[kind])
+            calls.append((kind,))
+            outputs.append(apply_model(args["input"].chunk(n)[index], args["timestep"].chunk(n)[index], **c))
+        return torch.cat(outputs)
+    clone.set_model_unet_function_wrapper(wrapper)
+    return clone, calls
+
+
+def test_one_batched_pass_per_step_with_null_objects_for_uncond(ids, comfy, checkpoint, encoded, id_model, id_sd,
+                                                                grounded, plain_latent):
+    cond_tokens = transcribed_tokens(id_sd, token_items(carried(grounded)[1]))
     null_tokens = transcribed_tokens(id_sd)
     recorded, passes = record_sigmas(checkpoint[0])
     with FuserCalls(ids.model.GatedSelfAttentionFuser) as fusers:
         grounded_latent = ksample(comfy, recorded, grounded, encoded[1], steps=2)
 
-    assert sorted(kind for _, kind in passes) == [(0,), (0,), (1,), (1,)], "expected one cond and one uncond pass per step"
+    assert [sorted(kinds) for _, kinds in passes] == [[0, 1], [0, 1]], "expected ONE cond+uncond pass per step"
     assert len(fusers.calls) == 16 * len(passes)
     fuser_list = list(id_model.model.fusers)
     for index, call in enumerate(fusers.calls):
         assert call["module"] is fuser_list[index % 16] and call["width"] == TINY_WIDTHS[index % 16]
         assert call["changed"] and call["scale"] == 1.0
-    for (_, kind), start in zip(passes, range(0, len(fusers.calls), 16)):
-        expected = cond_tokens if kind == (0,) else null_tokens
+    for (_, kinds), start in zip(passes, range(0, len(fusers.calls), 16)):
         for call in fusers.calls[start:start + 16]:
-            torch.testing.assert_close(call["tokens"].double(), expected, atol=2e-5, rtol=1e-5)
+            for row, kind in enumerate(kinds):
+                expected = cond_tokens if kind == 0 else null_tokens
+                torch.testing.assert_close(call["tokens"][row:row + 1].double(), expected, atol=2e-5, rtol=1e-5)
     assert (grounded_latent - plain_latent).abs().max() > 1e-3
+
+    # the same sampling run as two passes per step (cond, then uncond) gives the same latent, within the
+    # float difference batching makes for the plain model (batched matmuls round differently; cfg 5 scales it)
+    split, calls = split_passes(checkpoint[0])
+    two_pass_latent = ksample(comfy, split, grounded, encoded[1], steps=2)
+    assert sorted(calls) == [(0,), (0,), (1,), (1,)]
+    plain_split = ksample(comfy, split_passes(checkpoint[0])[0], *encoded, steps=2)
+    batching_noise = (plain_split - plain_latent).abs().max().item()
+    difference = (two_pass_latent - grounded_latent).abs().max().item()
+    assert difference <= 4 * batching_noise + 1e-5, (difference, batching_noise)
 
 
 def test_fuser_stops_after_beta_of_the_sampling(ids, comfy, checkpoint, encoded, grounded):
@@ -482,7 +541,7 @@ def test_scheduled_sampling_gate_at_every_timestep(ids, checkpoint, id_model):
     integers (beta in percent), including the boundary timesteps."""
     model_sampling = checkpoint[0].get_model_object("model_sampling")
     for percent in (5, 30, 50, 70, 85, 100):
-        patch = ids.model.FuserPatch(id_model.model, None, None, 1.0, ids.model.first_inactive_timestep(percent / 100))
+        patch = ids.patch.FuserPatch(id_model.model, None, None, 1.0, ids.patch.first_inactive_timestep(percent / 100))
         active = [patch.active({"sigmas": model_sampling.sigma(torch.tensor([float(t)]))}) for t in range(1000)]
         assert active == [t >= 10 * (100 - percent) for t in range(1000)], percent
 
@@ -497,8 +556,8 @@ def test_strength_zero_gives_the_plain_model_exactly(ids, comfy, checkpoint, enc
     assert apply(ids, checkpoint, positive, id_model, beta=0.0) is positive  # never active: nothing attached
 
     # The installed middle patch at strength 0 is the identity, bit for bit, in the same batch.
-    interactions = dataclasses.replace(grounded[0][1]["gligen"][2], strength=0.0)
-    patch = id_model.model.set_position((1, 4, 32, 32), interactions, torch.device("cpu"))
+    interactions = dataclasses.replace(carried(grounded)[1], strength=0.0)
+    patch = ids.patch.InteractionControl(id_model, interactions).fuser_patch(torch.device("cpu"))
     x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(2))
     sigma = torch.tensor([3.0])
     options = {"patches": {"middle_patch": [patch]}, "cond_or_uncond": [0], "sigmas": sigma}
@@ -510,7 +569,8 @@ def test_strength_zero_gives_the_plain_model_exactly(ids, comfy, checkpoint, enc
 
 def test_batched_rows_get_cond_or_null_tokens_per_chunk(ids, checkpoint, encoded, id_model, id_sd, grounded):
     """A batch of 2 images with cond and uncond chunks in one UNet call (as other samplers may batch them)."""
-    patch = id_model.model.set_position((2, 4, 16, 16), grounded[0][1]["gligen"][2], torch.device("cpu"))
+    interactions = dataclasses.replace(carried(grounded)[1], width=128, height=128)  # latent 16x16
+    patch = ids.patch.InteractionControl(id_model, interactions).fuser_patch(torch.device("cpu"))
     x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     sigma = torch.tensor([2.0])
     context = torch.cat([encoded[0][0][0]] * 2 + [encoded[1][0][0]] * 2)
@@ -518,7 +578,7 @@ def test_batched_rows_get_cond_or_null_tokens_per_chunk(ids, checkpoint, encoded
     with FuserCalls(ids.model.GatedSelfAttentionFuser) as fusers:
         checkpoint[0].model.apply_model(x, sigma.repeat(4), c_crossattn=context, transformer_options=options)
     assert len(fusers.calls) == 16
-    cond = transcribed_tokens(id_sd, token_items(grounded[0][1]["gligen"][2]))
+    cond = transcribed_tokens(id_sd, token_items(carried(grounded)[1]))
     null = transcribed_tokens(id_sd)
     tokens = fusers.calls[0]["tokens"].double()
     assert tokens.shape == (4, 90, 768)
@@ -582,12 +642,38 @@ def test_amdm_sampler_with_interactdiffusion_as_main_and_as_aux_branch(ids, comf
             deviation_step=0.3, mean_mode="reference", noise="independent")[0]["samples"]
     assert torch.isfinite(result).all()
     aux_sd = tiny_interactdiffusion_state_dict(seed=4)
-    branches = {"main": (id_model, id_sd, steps, 1), "aux": (aux_model, aux_sd, window + 1, 2)}
-    items = token_items(grounded[0][1]["gligen"][2])
-    for name, (patcher, sd, active_steps, passes) in branches.items():
+    branches = {"main": (id_model, id_sd, steps, 1), "aux": (aux_model, aux_sd, window + 1, 2)}  # rows per pass
+    items = token_items(carried(grounded)[1])
+    for name, (patcher, sd, active_steps, rows) in branches.items():
         mine = [c for c in fusers.calls if any(c["module"] is f for f in patcher.model.fusers)]
-        assert len(mine) == active_steps * passes * 16, f"{name} branch: {len(mine)} fuser calls"
+        assert len(mine) == active_steps * 16, f"{name} branch: {len(mine)} fuser calls (one pass per step)"
         null, cond = transcribed_tokens(sd), transcribed_tokens(sd, items)
-        is_null = [torch.allclose(c["tokens"].double(), null, atol=2e-5) for c in mine]
-        assert sum(is_null) == len(mine) * (passes - 1) // 2, f"{name} branch: uncond passes must see null objects"
-        assert all(torch.allclose(c["tokens"].double(), cond, atol=2e-5) for c, n in zip(mine, is_null) if not n)
+        tokens = [row.unsqueeze(0).double() for c in mine for row in c["tokens"]]
+        assert len(tokens) == len(mine) * rows
+        is_null = [torch.allclose(t, null, atol=2e-5) for t in tokens]
+        assert sum(is_null) == len(tokens) * (rows - 1) // 2, f"{name} branch: uncond rows must see null objects"
+        assert all(torch.allclose(t, cond, atol=2e-5) for t, n in zip(tokens, is_null) if not n)
+
+
+@pytest.mark.parametrize("setting", ["strength", "beta"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_apply_refuses_non_finite_settings_by_name(ids, checkpoint, encoded, id_model, setting, value):
+    settings = {"strength": 1.0, "beta": 1.0, setting: value}
+    with pytest.raises(ValueError, match=rf"InteractDiffusion Apply: {setting} is {value}; give a finite number"):
+        ids.nodes.InteractDiffusionApply().apply(encoded[0], checkpoint[1], id_model, SHORT, SIZE, SIZE, **settings)
+
+
+def test_quoted_input_is_cut_to_about_200_characters(ids, checkpoint, encoded, id_model):
+    line = "a person | holds | a cup | 16, 40, 120, 200 | " + "1" * 1_000_000
+    with pytest.raises(ValueError) as error:
+        apply(ids, checkpoint, encoded[0], id_model, text=line)
+    assert len(str(error.value)) < 700 and "(1000046 characters)" in str(error.value), str(error.value)[:800]
+
+
+def test_size_is_checked_against_the_sampled_latent(ids, comfy, checkpoint, encoded, grounded):
+    """Boxes drawn for 256x256 on a 64x64-pixel latent: refused at the first step, as MIGC Apply does."""
+    latent = comfy.EmptyLatentImage().generate(64, 64, 1)[0]
+    with pytest.raises(ValueError, match=r"InteractDiffusion Apply was set for a 256x256 image \(latent 32x32\) "
+                                         r"but the sampler's latent is 8x8 \(64x64 pixels\)"):
+        comfy.KSampler().sample(checkpoint[0], 1, 1, 5.0, "euler", "normal", grounded, encoded[1], latent)
+    assert torch.isfinite(ksample(comfy, checkpoint[0], *encoded, steps=1, cfg=1.0)).all()  # nothing left patched

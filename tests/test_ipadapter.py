@@ -205,7 +205,7 @@ def test_stacks_on_attn2_replace_patches_keyed_per_block_like_the_other_pack(ipa
 def test_loader_reads_the_real_size_layouts(pack_module):
     """The full-size SD1.5 layouts (shapes of the 44.6 MB / 98.2 MB downloads) load with the reference's
     hyper-parameters: 4 tokens from 1024-wide ViT-H embeds; Resampler 16 queries, depth 4, 12 heads."""
-    model = pack_module("adapters.ipadapter.model")
+    model = pack_module("adapters.ipadapter.load")
     real = dict(model_channels=320, clip_embed_dim=1024, clip_hidden_dim=1280, resampler_dim=768)
     base = model.ipadapter_from_state_dict(tiny_ipadapter.ipadapter_state_dict(**real), BASE_FILE)
     assert not base.plus and base.input_width == 1024 and base.image_proj.tokens == 4
@@ -260,6 +260,8 @@ def _faceid_layout():
     ("ip-adapter-faceid_sd15.bin", _faceid_layout, ["FaceID", "LoRA"]),
     ("not-an-adapter.safetensors", lambda: {"model.diffusion_model.out.2.weight": torch.randn(4, 4)},
      ["is not an IP-Adapter file", "models/ipadapter"]),
+    ("scalar-layers.safetensors", lambda: dict(tiny_ipadapter.ipadapter_state_dict(), **{
+        "image_proj.proj.weight": torch.randn(3)}), ["image_proj does not match the image projection layout"]),
 ])
 def test_loader_rejects_other_layouts_naming_the_file_and_what_it_found(ipa, comfy, name, make, expected):
     _write(ipa.folder, name, make())
@@ -267,7 +269,66 @@ def test_loader_rejects_other_layouts_naming_the_file_and_what_it_found(ipa, com
         comfy.NODE_CLASS_MAPPINGS["AMDMIPAdapterLoader"]().load(name)
     message = str(error.value)
     assert name in message and all(part in message for part in expected), message
-    assert "ip-adapter_sd15" in message
+    assert "ip-adapter_sd15" in message and "models/ipadapter/" in message
+
+
+def _unreadable_files(folder):
+    """name -> (how to make it in ``folder``, what the message must say): the files people end up with."""
+    good = os.path.join(folder, BASE_FILE)
+
+    def write(content):
+        return lambda path: open(path, "wb").write(content)
+
+    def truncated(path):
+        with open(good, "rb") as fh:
+            open(path, "wb").write(fh.read(5000))
+
+    def link(target):
+        return lambda path: os.symlink(target, path)
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.mkdir, (os.path.join(folder, "code_ran"),))
+
+    return {
+        "truncated.safetensors": (truncated, "not a complete safetensors file"),
+        "zero.safetensors": (write(b""), "empty (0 bytes)"),
+        "random.safetensors": (write(bytes(range(256)) * 64), "not a complete safetensors file"),
+        "random.bin": (write(bytes(range(3, 256)) * 64), "it is not a checkpoint"),
+        "page.safetensors": (write(b"<!DOCTYPE html>\n<html><body>Not found</body></html>"), "web page (HTML)"),
+        "page.bin": (write(b"  <html><body>rate limited</body></html>"), "web page (HTML)"),
+        "header-only.safetensors": (write(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!"), "not a safetensors file"),
+        "passwd.safetensors": (link("/etc/passwd"), "(a symbolic link)"),
+        "zero-device.safetensors": (link("/dev/zero"), "not a regular file (a symbolic link)"),
+        "code.bin": (lambda path: torch.save({"x": RunsCode()}, path), "nothing from the file was run"),
+        "list.bin": (lambda path: torch.save([torch.zeros(2)], path), "holds a list, not a dict"),
+    }
+
+
+def test_loader_explains_every_unreadable_file(ipa, comfy):
+    loader = comfy.NODE_CLASS_MAPPINGS["AMDMIPAdapterLoader"]()
+    for name, (make, expected) in _unreadable_files(ipa.folder).items():
+        path = os.path.join(ipa.folder, name)
+        make(path)
+        try:
+            with pytest.raises(ValueError) as error:
+                loader.load(name)
+        finally:
+            os.remove(path)
+        message = str(error.value)
+        assert f"IP-Adapter file '{name}' (models/ipadapter/): " in message and expected in message, message
+        assert "Put an SD1.5 IP-Adapter such as ip-adapter_sd15.safetensors" in message, message
+    assert not os.path.exists(os.path.join(ipa.folder, "code_ran")), "loading the file executed its code"
+    with pytest.raises(ValueError, match=r"IP-Adapter file 'absent\.safetensors' not found in models/ipadapter/ "
+                                         r"\(searched: .*\)\. Put an SD1.5 IP-Adapter"):
+        loader.load("absent.safetensors")
+
+
+@pytest.mark.parametrize("setting", ["weight", "start_at", "end_at"])
+def test_apply_refuses_non_finite_settings_by_name(ipa, tiny_model, setting):
+    settings = {"weight": WEIGHT, "start_at": 0.0, "end_at": 1.0, setting: float("nan")}
+    with pytest.raises(ValueError, match=rf"IP-Adapter Apply \(AMDM\): {setting} is nan; give a finite number"):
+        ipa.apply(tiny_model, ipa.adapters[BASE_FILE], image(1), clip_vision=ipa.clip_vision, **settings)
 
 
 def test_apply_errors_leave_the_model_untouched(ipa, tiny_model, pack_module):
@@ -281,13 +342,13 @@ def test_apply_errors_leave_the_model_untouched(ipa, tiny_model, pack_module):
     with pytest.raises(patch.IPAdapterApplyError, match=r"start_at \(0.7\) and end_at \(0.2\)"):
         ipa.apply(model, adapter, image(1), WEIGHT, 0.7, 0.2, ipa.clip_vision)
 
-    wrong_clip = pack_module("adapters.ipadapter.model").ipadapter_from_state_dict(
+    wrong_clip = pack_module("adapters.ipadapter.load").ipadapter_from_state_dict(
         tiny_ipadapter.ipadapter_state_dict(clip_embed_dim=32), "narrow.safetensors")
     with pytest.raises(patch.IPAdapterApplyError, match=r"width 32; the connected CLIP vision model gives 48.*"
                                                         r"CLIP-ViT-H-14-laion2B-s32B-b79K"):
         ipa.apply(model, wrong_clip, image(1), WEIGHT, 0.0, 1.0, ipa.clip_vision)
 
-    wider = pack_module("adapters.ipadapter.model").ipadapter_from_state_dict(
+    wider = pack_module("adapters.ipadapter.load").ipadapter_from_state_dict(
         tiny_ipadapter.ipadapter_state_dict(model_channels=64), "wide.safetensors")
     with pytest.raises(patch.IPAdapterApplyError, match=r"'wide.safetensors' does not fit this model at "
                                                         r"\('input', 1\).*32 wide.*ip_adapter.1 expects 64"):

@@ -139,16 +139,16 @@ def test_tiny_file_has_the_released_layout_and_size(migc_files, migc):
     assert set(loaded) == set(stored) and all(torch.equal(loaded[k], stored[k]) for k in stored)
 
 
-def test_loader_matches_blocks_by_type_number_and_migc_element(tmp_path, migc_files, pack_module):
-    loader = pack_module("adapters.migc.loader")
+def test_loader_matches_blocks_by_type_number_and_migc_element(migc_files, pack_module):
+    loader = pack_module("adapters.migc.load")
     standard = torch.load(os.path.join(migc_files, "MIGC_SD14.ckpt"), weights_only=True)["state_dict"]
     other_paths = {k.replace("middle_block.1.transformer_blocks.0.attn2.migc", "middle_block.1.migc")
                     .replace(".1.transformer_blocks.0.attn2.migc", ".1.attn2.migc"): v for k, v in standard.items()}
     assert set(other_paths) != set(standard)
-    torch.save({"state_dict": other_paths}, tmp_path / "inner_path.ckpt")
-    weights = loader.load_migc_file(str(tmp_path / "inner_path.ckpt"))
+    torch.save({"state_dict": other_paths}, os.path.join(migc_files, "inner_path.ckpt"))
+    weights = loader.load_migc_file("inner_path.ckpt")
     assert weights.blocks == list(MIGC_BLOCKS)
-    ref = loader.load_migc_file(os.path.join(migc_files, "MIGC_SD14.ckpt"))
+    ref = loader.load_migc_file("MIGC_SD14.ckpt")
     assert all(torch.equal(a, b) for a, b in zip(weights.state_dict().values(), ref.state_dict().values()))
 
 
@@ -172,12 +172,15 @@ def _bad_files(standard):
         "missing.ckpt": ({"state_dict": missing}, "missing migc.la.to_q.weight"),
         "wrong_shape.ckpt": ({"state_dict": wrong}, "wrong shapes ea.to_k.weight (128, 1024) (expected (128, 768))"),
         "pickled_object.ckpt": ({"state_dict": _NotATensor()}, "weights_only=True"),
-        "garbage.ckpt": (b"this is not a checkpoint", "cannot be read as a PyTorch checkpoint"),
+        "garbage.ckpt": (b"this is not a checkpoint", "it is not a checkpoint"),
+        "page.ckpt": (b"<!DOCTYPE html><html><body>404</body></html>", "web page (HTML)"),
+        "empty.ckpt": (b"", "empty (0 bytes)"),
+        "list.ckpt": ([torch.zeros(2)], "holds a list, not a dict"),
     }
 
 
 def test_bad_files_are_rejected_with_file_problem_and_folder(migc_files, migc_nodes, pack_module):
-    loader = pack_module("adapters.migc.loader")
+    loader = pack_module("adapters.migc.load")
     standard = torch.load(os.path.join(migc_files, "MIGC_SD14.ckpt"), weights_only=True)["state_dict"]
     for name, (content, problem) in _bad_files(standard).items():
         path = os.path.join(migc_files, name)
@@ -193,7 +196,8 @@ def test_bad_files_are_rejected_with_file_problem_and_folder(migc_files, migc_no
             os.remove(path)
         message = str(err.value)
         assert name in message and problem in message and "models/migc/" in message, message
-    with pytest.raises(loader.MIGCFileError, match="not found in ComfyUI/models/migc/"):
+        assert "Put the original MIGC_SD14.ckpt" in message, message
+    with pytest.raises(loader.MIGCFileError, match=r"'MIGC_missing\.ckpt' not found in models/migc/ \(searched: .*\)\. Put "):
         migc_nodes.MIGCLoader().load("MIGC_missing.ckpt")
 
 
@@ -222,21 +226,25 @@ def test_position_boxes_and_fourier_features_by_hand(patch_mod, pack_module):
     assert torch.allclose(features[32:40], torch.cat([torch.sin(10 * box), torch.cos(10 * box)]), atol=1e-6)
 
 
-def test_schedule_step_index_and_rows(patch_mod):
+def test_schedule_step_index_and_rows(pack_module, patch_mod):
+    common = pack_module("adapters.common")
     schedule = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0])
-    assert [patch_mod.step_index(s, schedule) for s in (12.0, 10.0, 5.0, 3.0, 2.0, 1.0)] == [0, 0, 1, 1, 2, 3]
+    assert [common.step_index(s, schedule) for s in (12.0, 10.0, 5.0, 3.0, 2.0, 1.0)] == [0, 0, 1, 1, 2, 3]
     # MIGC's rule: MIGC while step <= MIGCsteps, then NaiveFuser while step <= NaiveFuserSteps
     modes = [patch_mod.fusion_mode(step, 2, migc_steps=1, naive_fuser_steps=3) for step in range(5)]
     assert modes == ["migc", "migc", "naive", "naive", None]
     assert patch_mod.fusion_mode(0, 0, 10, 10) is None
-    assert patch_mod.cond_rows([1, 0], 4) == [2, 3] and patch_mod.cond_rows([0, 1], 2) == [0]
-    assert patch_mod.cond_rows([0, 0, 1], 3) == [0, 1] and patch_mod.cond_rows([1], 2) == []
+
+    def rows(kinds, batch):
+        return common.cond_rows({"cond_or_uncond": kinds}, batch)
+    assert rows([1, 0], 4) == [2, 3] and rows([0, 1], 2) == [0]
+    assert rows([0, 0, 1], 3) == [0, 1] and rows([1], 2) == []
 
 
 def test_layout_attention_keeps_tokens_inside_their_masks(pack_module):
     model = pack_module("adapters.migc.model")
     torch.manual_seed(0)
-    layout = model.LayoutAttention(16, heads=2, dim_head=8)
+    layout = model.LayoutAttention(16, heads=2, dim_head=8, operations=torch.nn)  # initialised weights
     masks = torch.zeros(1, 2, 2, 4)
     masks[0, 0, :, :2] = 1  # tokens 0,1,4,5
     masks[0, 1, :, 2:] = 1  # tokens 2,3,6,7
@@ -353,7 +361,7 @@ def test_clones_of_one_model_do_not_cross_talk(tiny_model, migc, patch_mod):
     assert "patches" not in tiny_model.model_options["transformer_options"]
 
 
-def test_model_level_errors(tiny_model, migc, migc_files, patch_mod, tmp_path, pack_module):
+def test_model_level_errors(tiny_model, migc, migc_files, patch_mod, pack_module):
     contexts, pooled = _instances(16, 1)
     patched = patch_mod.patch_model(tiny_model, migc, contexts, pooled, [(0, 0, 64, 64)], WIDTH, HEIGHT, 5, -1)
     with pytest.raises(patch_mod.MIGCApplyError, match="already has MIGC applied"):
@@ -365,19 +373,19 @@ def test_model_level_errors(tiny_model, migc, migc_files, patch_mod, tmp_path, p
     with pytest.raises(patch_mod.MIGCApplyError, match="multiples of 8"):
         patch_mod.patch_model(tiny_model, migc, contexts, pooled, [(0, 0, 64, 64)], 130, HEIGHT, 5, -1)
     # a checkpoint for a block without cross-attention in SD1.x (input 3 is a downsampler)
-    loader = pack_module("adapters.migc.loader")
+    loader = pack_module("adapters.migc.load")
     import comfy.model_patcher
 
     middle = torch.load(os.path.join(migc_files, "MIGC_SD14.ckpt"), weights_only=True)["state_dict"]
     torch.save({"state_dict": {k.replace("middle_block.1.", "input_blocks.3.1."): v for k, v in middle.items()
-                               if ".middle_block." in k}}, tmp_path / "input3.ckpt")
-    fake = comfy.model_patcher.ModelPatcher(loader.load_migc_file(str(tmp_path / "input3.ckpt")),
+                               if ".middle_block." in k}}, os.path.join(migc_files, "input3.ckpt"))
+    fake = comfy.model_patcher.ModelPatcher(loader.load_migc_file("input3.ckpt"),
                                             torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(patch_mod.MIGCApplyError, match=r"block \('input', 3\).*no cross-attention.*SD1.x"):
         patch_mod.patch_model(tiny_model, fake, contexts, pooled, [(0, 0, 64, 64)], WIDTH, HEIGHT, 5, -1)
     # MIGC weights made for a narrower UNet (64 channels at the middle block)
-    write_tiny_migc(str(tmp_path / "wide.ckpt"), model_channels=16)
-    wide = comfy.model_patcher.ModelPatcher(loader.load_migc_file(str(tmp_path / "wide.ckpt")),
+    write_tiny_migc(os.path.join(migc_files, "wide.ckpt"), model_channels=16)
+    wide = comfy.model_patcher.ModelPatcher(loader.load_migc_file("wide.ckpt"),
                                             torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(patch_mod.MIGCApplyError, match="expects 64 channels.*has 128 channels"):
         patch_mod.patch_model(tiny_model, wide, contexts, pooled, [(0, 0, 64, 64)], WIDTH, HEIGHT, 5, -1)

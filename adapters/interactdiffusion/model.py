@@ -1,5 +1,5 @@
 """InteractDiffusion's add-on layers for an SD1.x UNet: the HOI position net and the gated self-attention
-fusers, plus the GLIGEN protocol (``set_position``) through which ComfyUI installs them as ``middle_patch``.
+fusers, as plain torch modules built from ``operations`` (a comfy.ops class, as ComfyUI's own modules).
 
 Architecture (as in the public reference, jiuntian/interactdiffusion and its WebUI extension):
 
@@ -12,17 +12,16 @@ Architecture (as in the public reference, jiuntian/interactdiffusion and its Web
 - Fuser, after attn1 of every transformer block (x: visual tokens, o: grounding tokens):
   ``x += s * tanh(alpha_attn) * SelfAttn(LN1(cat(x, Linear(o))))[:, :len(x)]`` and
   ``x += s * tanh(alpha_dense) * FF(LN2(x))``, where s = strength while the UNet timestep
-  t >= (1 - beta) * 1000 (scheduled sampling), else the fuser is skipped.
+  t >= (1 - beta) * 1000 (scheduled sampling, decided by the patch), else the fuser is skipped.
 """
 import torch
 from torch import nn
 
 import comfy.gligen
-import comfy.model_sampling
 import comfy.ops
 from comfy.ldm.modules.attention import CrossAttention, FeedForward
 
-ops = comfy.ops.manual_cast  # casts weights to the input's dtype/device: the fusers follow the UNet's dtype
+DEFAULT_OPS = comfy.ops.disable_weight_init  # no init cost: every weight comes from the file
 
 SD1_HEADS = 8
 MAX_INTERACTIONS = 30
@@ -46,29 +45,30 @@ def between_boxes(subject_boxes, object_boxes):
 class IndexEmbedding(nn.Module):
     """A learned table of vectors (interaction index or role); ``emb`` keeps the file's key names."""
 
-    def __init__(self, count, dim):
+    def __init__(self, count, dim, operations=DEFAULT_OPS):
         super().__init__()
-        self.emb = nn.Embedding(count, dim)
+        self.emb = operations.Embedding(count, dim)
 
 
-def _mlp(in_dim, out_dim):
-    return nn.Sequential(ops.Linear(in_dim, HIDDEN), nn.SiLU(), ops.Linear(HIDDEN, HIDDEN), nn.SiLU(),
-                         ops.Linear(HIDDEN, out_dim))
+def _mlp(in_dim, out_dim, operations):
+    return nn.Sequential(operations.Linear(in_dim, HIDDEN), nn.SiLU(), operations.Linear(HIDDEN, HIDDEN), nn.SiLU(),
+                         operations.Linear(HIDDEN, out_dim))
 
 
 class HOIPositionNet(nn.Module):
     """Interaction triplets -> grounding tokens [B, 3 * N, out_dim] in the order subjects, actions, objects."""
 
-    def __init__(self, in_dim=768, out_dim=768, fourier_freqs=FOURIER_FREQS, max_interactions=MAX_INTERACTIONS):
+    def __init__(self, in_dim=768, out_dim=768, fourier_freqs=FOURIER_FREQS, max_interactions=MAX_INTERACTIONS,
+                 operations=DEFAULT_OPS):
         super().__init__()
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.fourier_embedder = comfy.gligen.FourierEmbedder(num_freqs=fourier_freqs)
         self.position_dim = fourier_freqs * 2 * 4  # sin and cos of x0, y0, x1, y1
-        self.interaction_embedding = IndexEmbedding(max_interactions, out_dim)
-        self.position_embedding = IndexEmbedding(3, out_dim)  # roles
-        self.linears = _mlp(in_dim + self.position_dim, out_dim)
-        self.linear_action = _mlp(in_dim + self.position_dim, out_dim)
+        self.interaction_embedding = IndexEmbedding(max_interactions, out_dim, operations)
+        self.position_embedding = IndexEmbedding(3, out_dim, operations)  # roles
+        self.linears = _mlp(in_dim + self.position_dim, out_dim, operations)
+        self.linear_action = _mlp(in_dim + self.position_dim, out_dim, operations)
         self.null_positive_feature = nn.Parameter(torch.zeros(in_dim))
         self.null_action_feature = nn.Parameter(torch.zeros(in_dim))
         self.null_position_feature = nn.Parameter(torch.zeros(self.position_dim))
@@ -105,15 +105,15 @@ class GatedSelfAttentionFuser(nn.Module):
     """GLIGEN's gated self-attention (same parameter names as the file), with the gate scale passed per
     call so that one loaded model can serve several conditionings with different strengths."""
 
-    def __init__(self, query_dim, context_dim=768, n_heads=SD1_HEADS):
+    def __init__(self, query_dim, context_dim=768, n_heads=SD1_HEADS, operations=DEFAULT_OPS):
         super().__init__()
         self.query_dim = query_dim
-        self.linear = ops.Linear(context_dim, query_dim)
+        self.linear = operations.Linear(context_dim, query_dim)
         self.attn = CrossAttention(query_dim=query_dim, context_dim=query_dim, heads=n_heads,
-                                   dim_head=query_dim // n_heads, operations=ops)
-        self.ff = FeedForward(query_dim, glu=True, operations=ops)
-        self.norm1 = ops.LayerNorm(query_dim)
-        self.norm2 = ops.LayerNorm(query_dim)
+                                   dim_head=query_dim // n_heads, operations=operations)
+        self.ff = FeedForward(query_dim, glu=True, operations=operations)
+        self.norm1 = operations.LayerNorm(query_dim)
+        self.norm2 = operations.LayerNorm(query_dim)
         self.alpha_attn = nn.Parameter(torch.tensor(0.0))
         self.alpha_dense = nn.Parameter(torch.tensor(0.0))
 
@@ -126,65 +126,14 @@ class GatedSelfAttentionFuser(nn.Module):
         return x + scale * gate_dense * self.ff(self.norm2(x))
 
 
-_SD1_SAMPLING = []
-
-
-def sd1_timestep(sigma):
-    """The integer SD1.x timestep (0..999) the UNet is run at for ``sigma`` (ComfyUI's
-    ModelSamplingDiscrete.timestep: nearest entry of the 1000-step table). InteractDiffusion exists for
-    SD1.x only, whose schedule is this one; the middle patch sees sigma but not the model."""
-    if not _SD1_SAMPLING:
-        _SD1_SAMPLING.append(comfy.model_sampling.ModelSamplingDiscrete())
-    return int(_SD1_SAMPLING[0].timestep(torch.as_tensor(sigma, dtype=torch.float32).reshape(1).cpu()))
-
-
-def first_inactive_timestep(beta):
-    """Scheduled sampling as the reference WebUI extension does it (timestep_to_alpha with stage_one =
-    beta, no decay stage): the fusers run while the timestep t >= (1 - beta) * 1000. Rounded, because
-    e.g. (1 - 0.7) * 1000 is 300.00000000000006 and t = 300 must count (the reference compares in float32)."""
-    return round((1.0 - beta) * 1000.0, 6)
-
-
-class FuserPatch:
-    """The ``middle_patch`` ComfyUI calls after attn1 of every transformer block.
-
-    Rows of the batch that belong to the unconditional pass (``cond_or_uncond`` 1) get the null tokens,
-    as the original feeds masks 0 to the uncond half. The fusers run while the SD1.x timestep of the
-    current sigma is >= ``min_timestep``.
-    """
-
-    def __init__(self, model, cond_tokens, null_tokens, strength, min_timestep):
-        self.model = model
-        self.cond_tokens = cond_tokens
-        self.null_tokens = null_tokens
-        self.strength = strength
-        self.min_timestep = min_timestep
-
-    def active(self, extra_options):
-        sigmas = extra_options.get("sigmas")
-        if self.strength == 0:
-            return False
-        return self.min_timestep <= 0 or sigmas is None or sd1_timestep(sigmas.reshape(-1)[0]) >= self.min_timestep
-
-    def __call__(self, x, extra_options):
-        if not self.active(extra_options):
-            return x
-        fuser = self.model.fuser_for(extra_options["transformer_index"], x)
-        kinds = extra_options.get("cond_or_uncond") or [0]
-        rows = x.shape[0] // len(kinds)
-        tokens = torch.cat([(self.null_tokens if kind == 1 else self.cond_tokens).expand(rows, -1, -1)
-                            for kind in kinds])
-        return fuser(x, tokens, self.strength)
-
-
 class InteractDiffusion(nn.Module):
     """Fusers in UNet transformer-block order (ComfyUI's ``transformer_index``) + the HOI position net."""
 
-    def __init__(self, block_names, block_channels, key_dim=768, source="InteractDiffusion"):
+    def __init__(self, block_names, block_channels, key_dim=768, source="InteractDiffusion", operations=DEFAULT_OPS):
         super().__init__()
         self.block_names = list(block_names)
-        self.fusers = nn.ModuleList([GatedSelfAttentionFuser(c, key_dim) for c in block_channels])
-        self.position_net = HOIPositionNet(key_dim, key_dim)
+        self.fusers = nn.ModuleList([GatedSelfAttentionFuser(c, key_dim, operations=operations) for c in block_channels])
+        self.position_net = HOIPositionNet(key_dim, key_dim, operations=operations)
         self.key_dim = key_dim
         self.source = source
 
@@ -216,13 +165,3 @@ class InteractDiffusion(nn.Module):
             masks[0, :count] = 1.0
         with torch.no_grad():
             return self.position_net(boxes[0], boxes[1], masks, embeddings[0], embeddings[1], embeddings[2])
-
-    def set_position(self, latent_shape, interactions, device):
-        """GLIGEN protocol (comfy/samplers.py): the middle_patch for a conditioning carrying interactions."""
-        return FuserPatch(self, self.tokens(interactions, device), self.tokens(None, device),
-                          interactions.strength, first_inactive_timestep(interactions.beta))
-
-    def set_empty(self, latent_shape, device):
-        """GLIGEN protocol for a non-"position" entry: null objects, full strength, whole sampling."""
-        null = self.tokens(None, device)
-        return FuserPatch(self, null, null, 1.0, first_inactive_timestep(1.0))

@@ -1,31 +1,20 @@
 """InteractDiffusion nodes: the loader (models/interactdiffusion/) and the interaction conditioning node."""
-import os
-
 import folder_paths
 from nodes import MAX_RESOLUTION  # ComfyUI's nodes module
 
-from .conditioning import apply_interactions
-from .weights import MODEL_FOLDER, load_interactdiffusion
+from ..common import check_finite
+from .load import FOLDER, load_interactdiffusion
+from .patch import NODE, apply_interactions
 
 DEFAULT_INTERACTIONS = "a person | feeding | a cat | 17, 85, 172, 374 | 148, 244, 342, 406"
 
-
-def register_model_folder():
-    """``models/interactdiffusion/`` (plus any ``interactdiffusion:`` paths from extra_model_paths.yaml).
-    models/gligen/ is deliberately not listed: GLIGEN files there are rejected by this loader anyway."""
-    folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER),
-                                       is_default=True)
-    paths, extensions = folder_paths.folder_names_and_paths[MODEL_FOLDER]
-    folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, set(extensions) | folder_paths.supported_pt_extensions)
-
-
-register_model_folder()
+FOLDER.register()
 
 
 class InteractDiffusionLoader:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"interactdiffusion_name": (folder_paths.get_filename_list(MODEL_FOLDER), {
+        return {"required": {"interactdiffusion_name": (folder_paths.get_filename_list(FOLDER.name), {
             "tooltip": "The add-on file ext_interactdiff_v1.2.pth, from models/interactdiffusion/."})}}
 
     RETURN_TYPES = ("INTERACTDIFFUSION",)
@@ -34,13 +23,7 @@ class InteractDiffusionLoader:
     DESCRIPTION = "Loads InteractDiffusion's fusers and HOI position net (SD1.x) for InteractDiffusion Apply."
 
     def load(self, interactdiffusion_name):
-        path = folder_paths.get_full_path(MODEL_FOLDER, interactdiffusion_name)
-        if path is None:
-            raise FileNotFoundError(
-                f"InteractDiffusion file '{interactdiffusion_name}' not found in models/{MODEL_FOLDER}/ (searched: "
-                f"{', '.join(folder_paths.get_folder_paths(MODEL_FOLDER))}); download ext_interactdiff_v1.2.pth "
-                f"from the Hugging Face repo jiuntian/interactiondiffusion-weight into that folder")
-        return (load_interactdiffusion(path),)
+        return (load_interactdiffusion(interactdiffusion_name),)
 
 
 class InteractDiffusionApply:
@@ -71,6 +54,7 @@ class InteractDiffusionApply:
     DESCRIPTION = "Grounds subject-action-object interactions (two boxes each) with InteractDiffusion."
 
     def apply(self, conditioning, clip, interactdiffusion, interactions, width, height, strength, beta):
+        check_finite(NODE, strength=strength, beta=beta)
         return (apply_interactions(conditioning, clip, interactdiffusion, interactions, width, height,
                                    strength, beta),)
 

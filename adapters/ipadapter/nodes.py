@@ -3,37 +3,18 @@
 Node and type names differ from the ComfyUI_IPAdapter_plus pack (IPADAPTER), so both packs can be
 installed together and neither pack's adapter can be wired into the other's nodes.
 """
-import os
-
-import comfy.utils
 import folder_paths
 
-from .model import ipadapter_from_state_dict
+from .load import FOLDER, ipadapter_from_state_dict
 from .patch import apply_ipadapter
 
-IPADAPTER_FOLDER = "ipadapter"  # models/ipadapter, the folder ComfyUI_IPAdapter_plus also uses
-
-
-def register_ipadapter_folder():
-    """Register models/ipadapter with ComfyUI unless another pack (or extra_model_paths) already did."""
-    default = os.path.join(folder_paths.models_dir, IPADAPTER_FOLDER)
-    if IPADAPTER_FOLDER in folder_paths.folder_names_and_paths:
-        paths, extensions = folder_paths.folder_names_and_paths[IPADAPTER_FOLDER]
-        if default not in paths:
-            paths.append(default)
-        if not extensions:  # registered through extra_model_paths only: no extension filter yet
-            folder_paths.folder_names_and_paths[IPADAPTER_FOLDER] = (paths, folder_paths.supported_pt_extensions)
-    else:
-        folder_paths.folder_names_and_paths[IPADAPTER_FOLDER] = ([default], folder_paths.supported_pt_extensions)
-
-
-register_ipadapter_folder()
+FOLDER.register()
 
 
 class AMDMIPAdapterLoader:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"ipadapter_file": (folder_paths.get_filename_list(IPADAPTER_FOLDER), {
+        return {"required": {"ipadapter_file": (folder_paths.get_filename_list(FOLDER.name), {
             "tooltip": "An SD1.5 IP-Adapter in models/ipadapter: ip-adapter_sd15.safetensors or "
                        "ip-adapter-plus_sd15.safetensors (and their _light / -face variants)."})}}
 
@@ -44,8 +25,7 @@ class AMDMIPAdapterLoader:
     DESCRIPTION = "Loads an SD1.5 IP-Adapter (image projection or Resampler + 16 cross-attention K/V layers)."
 
     def load(self, ipadapter_file):
-        path = folder_paths.get_full_path_or_raise(IPADAPTER_FOLDER, ipadapter_file)
-        return (ipadapter_from_state_dict(comfy.utils.load_torch_file(path, safe_load=True), ipadapter_file),)
+        return (ipadapter_from_state_dict(FOLDER.read(ipadapter_file), ipadapter_file),)
 
 
 class AMDMIPAdapterApply:

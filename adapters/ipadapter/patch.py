@@ -10,11 +10,11 @@ import torch
 import comfy.ldm.modules.attention
 import comfy.model_management
 
+from ..common import UNCOND, check_finite, current_sigma, row_kinds
 from ..unet_blocks import cross_attentions
 from .model import CROSS_ATTENTION_DIM, SD15_BLOCK_OF_INDEX
 
-# calc_cond_batch tags each batch chunk with its index in [positive, negative]
-NEGATIVE_CHUNK = 1
+NODE = "IP-Adapter Apply (AMDM)"
 REAL_CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 
 
@@ -41,20 +41,17 @@ class IPAdapterAttention:
     def active(self, extra_options):
         if self.weight == 0:
             return False
-        sigmas = extra_options.get("sigmas")
-        if sigmas is None:  # called outside a sampler: nothing to gate on
+        sigma = current_sigma(extra_options)
+        if sigma is None:  # called outside a sampler: nothing to gate on
             return True
-        sigma = float(sigmas.reshape(-1)[0])
         return self.sigma_end <= sigma <= self.sigma_start
 
     def _image_keys_values(self, q, extra_options):
-        chunks = extra_options.get("cond_or_uncond") or [0]
-        per_chunk = q.shape[0] // len(chunks)
         keys, values = [], []
-        for chunk in chunks:
-            k, v = self.negative_kv if chunk == NEGATIVE_CHUNK else self.positive_kv
-            keys.append(k.expand(per_chunk, -1, -1))
-            values.append(v.expand(per_chunk, -1, -1))
+        for kind in row_kinds(extra_options, q.shape[0]):
+            k, v = self.negative_kv if kind == UNCOND else self.positive_kv
+            keys.append(k)
+            values.append(v)
         return (torch.cat(keys).to(device=q.device, dtype=q.dtype),
                 torch.cat(values).to(device=q.device, dtype=q.dtype))
 
@@ -114,7 +111,7 @@ def image_features(adapter, clip_vision, image):
     hidden states of the image and of a zero pixel tensor."""
     if clip_vision is None:
         raise IPAdapterApplyError(
-            f"IP-Adapter Apply (AMDM) has no CLIP vision model: connect a core 'Load CLIP Vision' node with "
+            f"{NODE} has no CLIP vision model: connect a core 'Load CLIP Vision' node with "
             f"{REAL_CLIP_VISION} (in models/clip_vision) to its clip_vision input.")
     encoded = clip_vision.encode_image(image, crop=True)
     positive = encoded["penultimate_hidden_states"] if adapter.plus else encoded["image_embeds"]
@@ -133,11 +130,10 @@ def image_features(adapter, clip_vision, image):
 
 
 def _check_settings(weight, start_at, end_at):
+    check_finite(NODE, weight=weight, start_at=start_at, end_at=end_at)
     if not (0.0 <= start_at <= end_at <= 1.0):
-        raise IPAdapterApplyError(f"IP-Adapter Apply (AMDM): start_at ({start_at}) and end_at ({end_at}) must "
+        raise IPAdapterApplyError(f"{NODE}: start_at ({start_at}) and end_at ({end_at}) must "
                                   f"satisfy 0 <= start_at <= end_at <= 1 (fractions of the sampling run)")
-    if not torch.isfinite(torch.tensor(float(weight))):
-        raise IPAdapterApplyError(f"IP-Adapter Apply (AMDM): weight {weight} is not a finite number")
 
 
 def apply_ipadapter(model, adapter, clip_vision, image, weight, start_at, end_at):

@@ -12,8 +12,7 @@ cross-attention outputs it shades every instance inside its box and aggregates t
 M_i is the instance box mask, M_bg = 1 - union(M_i). After MIGC's steps the layer may fall back to the
 weight-free ``naive_fuse`` and then to plain cross-attention. Attribute names follow the released
 checkpoint's key layout (``ea``, ``la``, ``norm``, ``sac``, ``pos_net`` ...), so its state dict loads
-as is. ``operations`` is the layer namespace (``torch.nn`` or a ComfyUI ``comfy.ops`` class), as in
-ComfyUI's own modules.
+as is. ``operations`` is the layer namespace (a ComfyUI ``comfy.ops`` class), as in ComfyUI's own modules.
 """
 import math
 
@@ -21,9 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import comfy.ops
+
 MAX_SLOTS = 30            # SAC's second CBAM mixes exactly 30 channels: [background, 28 instance slots, template]
 MAX_INSTANCES = MAX_SLOTS - 2
 POSITION_FREQS = 8
+DEFAULT_OPS = comfy.ops.disable_weight_init  # no init cost: every weight comes from the file
 
 
 def fourier_embed(boxes, num_freqs=POSITION_FREQS, temperature=100):
@@ -55,7 +57,7 @@ def _heads_attention(q, k, v, heads, scale, key_mask=None):
 class Attention(nn.Module):
     """Multi-head attention with bias-free q/k/v projections and a biased output projection."""
 
-    def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64, operations=nn):
+    def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64, operations=DEFAULT_OPS):
         super().__init__()
         inner = heads * dim_head
         context_dim = context_dim or query_dim
@@ -90,7 +92,7 @@ class LayoutAttention(Attention):
 class PositionNet(nn.Module):
     """Box [x0, x1, y0, y1] (normalised) -> one 768-d token: Fourier features -> 3-layer SiLU MLP."""
 
-    def __init__(self, out_dim=768, operations=nn):
+    def __init__(self, out_dim=768, operations=DEFAULT_OPS):
         super().__init__()
         in_dim = POSITION_FREQS * 2 * 4
         self.linears_position = nn.Sequential(
@@ -106,7 +108,7 @@ class PositionNet(nn.Module):
 class ChannelGate(nn.Module):
     """x * sigmoid(MLP(avgpool(x)) + MLP(maxpool(x))) per channel (CBAM)."""
 
-    def __init__(self, channels, reduction, operations=nn):
+    def __init__(self, channels, reduction, operations=DEFAULT_OPS):
         super().__init__()
         hidden = channels // reduction
         self.mlp = nn.Sequential(nn.Flatten(), operations.Linear(channels, hidden), nn.ReLU(),
@@ -118,7 +120,7 @@ class ChannelGate(nn.Module):
 
 
 class _SpatialConv(nn.Module):
-    def __init__(self, operations=nn):
+    def __init__(self, operations=DEFAULT_OPS):
         super().__init__()
         self.conv = operations.Conv2d(2, 1, kernel_size=7, padding=3, bias=False)
 
@@ -129,7 +131,7 @@ class _SpatialConv(nn.Module):
 class SpatialGate(nn.Module):
     """x * sigmoid(conv7x7([max over channels, mean over channels])) per pixel (CBAM)."""
 
-    def __init__(self, operations=nn):
+    def __init__(self, operations=DEFAULT_OPS):
         super().__init__()
         self.spatial = _SpatialConv(operations)
 
@@ -139,7 +141,7 @@ class SpatialGate(nn.Module):
 
 
 class CBAM(nn.Module):
-    def __init__(self, channels, reduction=16, operations=nn):
+    def __init__(self, channels, reduction=16, operations=DEFAULT_OPS):
         super().__init__()
         self.ChannelGate = ChannelGate(channels, reduction, operations)
         self.SpatialGate = SpatialGate(operations)
@@ -158,7 +160,7 @@ class SAC(nn.Module):
     softmax over slots weights x.
     """
 
-    def __init__(self, channels, operations=nn):
+    def __init__(self, channels, operations=DEFAULT_OPS):
         super().__init__()
         self.conv1 = operations.Conv2d(channels + 1, channels, 1)
         self.cbam1 = CBAM(channels, operations=operations)
@@ -199,7 +201,7 @@ def resize_masks(masks, hw, height, width):
 
 
 class MIGC(nn.Module):
-    def __init__(self, channels, context_dim=768, heads=8, operations=nn):
+    def __init__(self, channels, context_dim=768, heads=8, operations=DEFAULT_OPS):
         super().__init__()
         dim_head = channels // heads
         self.ea = Attention(channels, context_dim, heads, dim_head, operations)

@@ -1,20 +1,13 @@
 """ComfyUI nodes: MIGC Loader (models/migc -> MIGC) and MIGC Apply (MODEL + instances -> MODEL)."""
-import os
-
-import comfy.model_management
-import comfy.model_patcher
-import comfy.ops
 import folder_paths
 
 from ..boxes import parse_box_lines
-from .loader import MODEL_FOLDER, MIGCFileError, load_migc_file
+from ..common import check_finite
+from .load import FOLDER, load_migc
 from .model import MAX_INSTANCES
-from .patch import apply_migc
+from .patch import NODE, apply_migc
 
-_EXTENSIONS = {".ckpt", ".pth", ".pt"}
-if MODEL_FOLDER not in folder_paths.folder_names_and_paths:
-    folder_paths.folder_names_and_paths[MODEL_FOLDER] = ([os.path.join(folder_paths.models_dir, MODEL_FOLDER)],
-                                                         set(_EXTENSIONS))
+FOLDER.register()
 
 
 def parse_instances(text, width, height):
@@ -26,8 +19,8 @@ def parse_instances(text, width, height):
 class MIGCLoader:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"migc_name": (folder_paths.get_filename_list(MODEL_FOLDER), {
-            "tooltip": f"MIGC checkpoint (MIGC_SD14.ckpt) in ComfyUI/models/{MODEL_FOLDER}/"})}}
+        return {"required": {"migc_name": (folder_paths.get_filename_list(FOLDER.name), {
+            "tooltip": f"MIGC checkpoint (MIGC_SD14.ckpt) in ComfyUI/models/{FOLDER.name}/"})}}
 
     RETURN_TYPES = ("MIGC",)
     FUNCTION = "load"
@@ -35,13 +28,7 @@ class MIGCLoader:
     DESCRIPTION = "Loads MIGC weights; the UNet blocks they patch are read from the file's keys."
 
     def load(self, migc_name):
-        path = folder_paths.get_full_path(MODEL_FOLDER, migc_name)
-        if path is None:
-            raise MIGCFileError(f"MIGC file '{migc_name}' not found in ComfyUI/models/{MODEL_FOLDER}/ "
-                                f"(searched: {', '.join(folder_paths.get_folder_paths(MODEL_FOLDER))})")
-        weights = load_migc_file(path, operations=comfy.ops.manual_cast)
-        return (comfy.model_patcher.ModelPatcher(weights, load_device=comfy.model_management.get_torch_device(),
-                                                 offload_device=comfy.model_management.unet_offload_device()),)
+        return (load_migc(migc_name),)
 
 
 class MIGCApply:
@@ -84,6 +71,7 @@ class MIGCApply:
 
     def apply(self, model, clip, migc, instances, width, height, migc_steps, naive_fuser_steps,
               ca_scale=1.0, ea_scale=1.0, sac_scale=1.0):
+        check_finite(NODE, ca_scale=ca_scale, ea_scale=ea_scale, sac_scale=sac_scale)
         items = parse_instances(instances, width, height)
         return (apply_migc(model, migc, clip, items, width, height, migc_steps, naive_fuser_steps,
                            ca_scale, ea_scale, sac_scale),)

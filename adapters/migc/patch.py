@@ -21,9 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from ..boxes import normalise_box
+from ..common import check_latent_size, cond_rows, current_step
 from ..unet_blocks import cross_attentions
-from .loader import block_name
+from .load import block_name
 from .model import naive_fuse
+
+NODE = "MIGC Apply"
 
 _TOKENS = "migc_image_tokens"
 _FUSED = "migc_fused"
@@ -49,14 +52,6 @@ def box_masks(boxes, width, height):
             F.interpolate(background, size=size, mode="bilinear"))
 
 
-def step_index(sigma, sample_sigmas):
-    """Index i of the sampling step that sigma belongs to: the number of schedule sigmas >= sigma,
-    minus one (a sigma between sigma_i and sigma_{i+1}, as multistage samplers use, counts as step i;
-    one above sigma_0 counts as step 0)."""
-    schedule = sample_sigmas.to(torch.float64).flatten()
-    return max(0, int((schedule >= float(sigma) * (1 - 1e-5)).sum().item()) - 1)
-
-
 def fusion_mode(step, instance_count, migc_steps, naive_fuser_steps):
     """MIGC's schedule: "migc" while step <= migc_steps, then "naive" while step <= naive_fuser_steps,
     then None (plain cross-attention); None with no instances."""
@@ -75,12 +70,6 @@ def slot_order(step, block):
     disturbs the sampler's random state."""
     seed = zlib.crc32(f"{block_name(block)}:{step}".encode())
     return torch.randperm(28, generator=torch.Generator().manual_seed(seed))
-
-
-def cond_rows(cond_or_uncond, batch):
-    """Row indices of the cond chunks (cond_or_uncond[j] == 0) in a batch of len(cond_or_uncond) chunks."""
-    per_chunk = batch // len(cond_or_uncond)
-    return [j * per_chunk + r for j, kind in enumerate(cond_or_uncond) if kind == 0 for r in range(per_chunk)]
 
 
 class MIGCPatch:
@@ -114,21 +103,12 @@ class MIGCPatch:
         return n, context, value
 
     def _mode(self, extra_options):
-        sample_sigmas, sigmas = extra_options.get("sample_sigmas"), extra_options.get("sigmas")
-        if sample_sigmas is None or sigmas is None:
+        step = current_step(extra_options)
+        if step is None:
             raise MIGCApplyError(
                 "MIGC needs the sampling schedule to count steps (transformer_options 'sample_sigmas' and "
                 "'sigmas', set by ComfyUI's samplers); this model was called outside a sampler that provides them")
-        step = step_index(sigmas.max(), sample_sigmas)
         return step, fusion_mode(step, len(self.phrase_contexts), self.migc_steps, self.naive_fuser_steps)
-
-    def _check_latent(self, extra_options):
-        shape = extra_options.get("original_shape")
-        if shape is not None and tuple(shape[-2:]) != (self.height // 8, self.width // 8):
-            raise MIGCApplyError(
-                f"MIGC Apply was set for a {self.width}x{self.height} image (latent {self.width // 8}x"
-                f"{self.height // 8}) but the sampler's latent is {shape[-1]}x{shape[-2]} "
-                f"({shape[-1] * 8}x{shape[-2] * 8} pixels); set MIGC Apply's width and height to the image size")
 
     def attention(self, q, k, v, extra_options):
         from comfy.ldm.modules import attention as comfy_attention
@@ -144,10 +124,10 @@ class MIGCPatch:
 
         out = attend(q, k, v)
         step, mode = self._mode(extra_options)
-        rows = cond_rows(extra_options.get("cond_or_uncond", [0]), q.shape[0])
+        rows = cond_rows(extra_options, q.shape[0])
         if mode is None or not rows:
             return out
-        self._check_latent(extra_options)
+        check_latent_size(NODE, self.width, self.height, extra_options, MIGCApplyError)
         attn2 = self.attn2_by_block[block]
         q_cond = q[rows]
         ca_x = [attn2.to_out(out[rows])]

@@ -1,4 +1,4 @@
-"""The InteractDiffusion add-on file (``ext_interactdiff_v1.2.pth``): expected layout, validation, loading.
+"""The InteractDiffusion add-on file (``ext_interactdiff_v1.2.pth``): folder, expected layout, validation, loading.
 
 The file is a flat state dict (no ``model.diffusion_model.`` prefix) holding only the add-on layers:
 one fuser per SD1.x transformer block under ``<block>.1.transformer_blocks.0.fuser.`` (17 tensors each)
@@ -6,14 +6,15 @@ and the HOI position net under ``position_net.``. Block widths are model_channel
 4 | 4, 4, 4, 2, 2, 2, 1, 1, 1); the real file has model_channels 320 (SD1.5). The width is read from the
 file and checked again against the UNet at sampling time.
 """
-import os
-import pickle
-
 import torch
 
+import comfy.model_management
+import comfy.model_patcher
+import comfy.ops
+
+from ..common import QUOTE_LIMIT, ModelFileError, ModelFolder, quote
 from .model import FOURIER_FREQS, HIDDEN, MAX_INTERACTIONS, InteractDiffusion
 
-MODEL_FOLDER = "interactdiffusion"
 SD1_CONTEXT_DIM = 768
 SD15_MODEL_CHANNELS = 320
 
@@ -30,8 +31,13 @@ HOI_ONLY_KEYS = ("position_net.linear_action.0.weight", "position_net.interactio
 SHOWN = 5
 
 
-class InteractDiffusionFileError(ValueError):
+class InteractDiffusionFileError(ModelFileError):
     """The file is not an InteractDiffusion SD1.x add-on file; the message says what it is and what to do."""
+
+
+# models/gligen/ is deliberately not searched: GLIGEN files there are rejected by this loader anyway
+FOLDER = ModelFolder("interactdiffusion", "InteractDiffusion", "the add-on file ext_interactdiff_v1.2.pth (Hugging "
+                     "Face repo jiuntian/interactiondiffusion-weight)", InteractDiffusionFileError)
 
 
 def fuser_shapes(query_dim, context_dim=SD1_CONTEXT_DIM):
@@ -75,13 +81,12 @@ def expected_layout(model_channels=SD15_MODEL_CHANNELS):
 
 
 def _first(items):
-    items = sorted(items)
+    items = sorted(str(k)[:QUOTE_LIMIT] for k in items)
     return ", ".join(items[:SHOWN]) + (f" (and {len(items) - SHOWN} more)" if len(items) > SHOWN else "")
 
 
 def _what_to_do():
-    return (f"Put the InteractDiffusion add-on file ext_interactdiff_v1.2.pth (Hugging Face repo "
-            f"jiuntian/interactiondiffusion-weight) in models/{MODEL_FOLDER}/ and select it in the loader.")
+    return FOLDER.what_to_do() + "."
 
 
 def _recognise_other_formats(sd, name):
@@ -89,25 +94,25 @@ def _recognise_other_formats(sd, name):
     keys = list(sd)
     if any(k.startswith(("down_blocks.", "up_blocks.", "mid_block.")) for k in keys):
         raise InteractDiffusionFileError(
-            f"'{name}' is in diffusers format (keys like '{_first(k for k in keys if '_blocks.' in k)}'); this "
+            f"{quote(name)} is in diffusers format (keys like '{_first(k for k in keys if '_blocks.' in k)}'); this "
             f"loader reads the original ldm layout. {_what_to_do()}")
     if any(".fuser." in k and ".transformer_blocks." in k and ".transformer_blocks.0." not in k for k in keys):
         raise InteractDiffusionFileError(
-            f"'{name}' has fusers in deeper transformer stacks (keys like "
+            f"{quote(name)} has fusers in deeper transformer stacks (keys like "
             f"'{_first(k for k in keys if '.transformer_blocks.0.' not in k and '.fuser.' in k)}'): it is "
             f"SDXL-shaped. InteractDiffusion in ComfyUI supports SD1.x only (InteractDiffusion-XL exists only "
             f"in diffusers format). {_what_to_do()}")
     position_keys = [k for k in keys if k.startswith("position_net.")]
     if position_keys and not any(k in sd for k in HOI_ONLY_KEYS):
         raise InteractDiffusionFileError(
-            f"'{name}' is a GLIGEN file (its position_net has no interaction layers: missing "
+            f"{quote(name)} is a GLIGEN file (its position_net has no interaction layers: missing "
             f"{', '.join(HOI_ONLY_KEYS)}). Load GLIGEN files with the core GLIGENLoader from models/gligen/. "
             f"{_what_to_do()}")
     linear = sd.get(FIRST_FUSER_LINEAR)
     if linear is not None and linear.ndim == 2 and linear.shape[1] != SD1_CONTEXT_DIM:
         family = "SD2.x" if linear.shape[1] == 1024 else "non-SD1.x"
         raise InteractDiffusionFileError(
-            f"'{name}' is {family}-shaped: its fusers take {linear.shape[1]}-wide grounding tokens, SD1.x "
+            f"{quote(name)} is {family}-shaped: its fusers take {linear.shape[1]}-wide grounding tokens, SD1.x "
             f"InteractDiffusion uses {SD1_CONTEXT_DIM} ('{FIRST_FUSER_LINEAR}' has shape "
             f"{tuple(linear.shape)}). Only SD1.x is supported. {_what_to_do()}")
 
@@ -115,9 +120,9 @@ def _recognise_other_formats(sd, name):
 def validate_state_dict(sd, name):
     """Check keys and shapes against the SD1.x layout; returns model_channels (320 for the real file)."""
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        top = list(sd)[:SHOWN] if isinstance(sd, dict) else type(sd).__name__
+        top = quote(list(sd)[:SHOWN]) if isinstance(sd, dict) else type(sd).__name__
         raise InteractDiffusionFileError(
-            f"'{name}' is not a flat state dict of tensors (top level: {top}); full InteractDiffusion "
+            f"{quote(name)} is not a flat state dict of tensors (top level: {top}); full InteractDiffusion "
             f"checkpoints (interact-diffusion-v1*.pth) and other models are not the add-on file. {_what_to_do()}")
     _recognise_other_formats(sd, name)
     linear = sd.get(FIRST_FUSER_LINEAR)
@@ -127,7 +132,7 @@ def validate_state_dict(sd, name):
     unexpected = set(sd) - set(layout)
     if missing or unexpected:
         raise InteractDiffusionFileError(
-            f"'{name}' does not have the InteractDiffusion SD1.x layout "
+            f"{quote(name)} does not have the InteractDiffusion SD1.x layout "
             f"({len(layout)} tensors: 16 fusers + position_net): "
             + (f"missing {len(missing)} keys: {_first(missing)}; " if missing else "")
             + (f"unexpected {len(unexpected)} keys: {_first(unexpected)}; " if unexpected else "")
@@ -136,39 +141,18 @@ def validate_state_dict(sd, name):
              if tuple(sd[k].shape) != layout[k]]
     if wrong:
         raise InteractDiffusionFileError(
-            f"'{name}' has the InteractDiffusion key names but {len(wrong)} tensors have the wrong shape for an "
+            f"{quote(name)} has the InteractDiffusion key names but {len(wrong)} tensors have the wrong shape for an "
             f"SD1.x UNet of model_channels {model_channels}: {'; '.join(wrong[:SHOWN])}. {_what_to_do()}")
     return model_channels
 
 
-def read_state_dict(path):
-    """Read a .safetensors file, or a pickled .pth/.ckpt with ``weights_only=True`` (tensors only: a file
-    that needs code execution is refused before anything in it runs)."""
-    name = os.path.basename(path)
-    try:
-        if path.lower().endswith((".safetensors", ".sft")):
-            import safetensors.torch
-
-            return safetensors.torch.load_file(path, device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise InteractDiffusionFileError(
-            f"'{name}' was refused: it contains pickled Python objects that need code execution to load, and "
-            f"this loader only reads tensors (torch.load weights_only=True; nothing from the file was run). "
-            f"Detail: {reason}. {_what_to_do()}") from None
-    except Exception as error:  # truncated downloads, HTML error pages, other formats
-        raise InteractDiffusionFileError(
-            f"'{name}' could not be read as a PyTorch or safetensors file ({type(error).__name__}: {error}); "
-            f"the download may be incomplete. {_what_to_do()}") from None
-
-
-def build_model(sd, name):
-    """An InteractDiffusion module holding the validated weights of ``sd`` (float32, CPU)."""
+def build_model(sd, name, operations=comfy.ops.manual_cast):
+    """An InteractDiffusion module holding the validated weights of ``sd`` (float32, CPU). The default
+    manual_cast ops cast the weights to each input's dtype and device: the fusers follow the UNet's."""
     model_channels = validate_state_dict(sd, name)
     blocks = [block for block, _ in SD1_TRANSFORMER_BLOCKS]
     model = InteractDiffusion(blocks, [model_channels * mult for _, mult in SD1_TRANSFORMER_BLOCKS],
-                              SD1_CONTEXT_DIM, source=name)
+                              SD1_CONTEXT_DIM, source=name, operations=operations)
     own = {}
     for index, block in enumerate(blocks):
         prefix = block + FUSER_PATH
@@ -178,12 +162,10 @@ def build_model(sd, name):
     return model
 
 
-def load_interactdiffusion(path):
-    """Read, validate and wrap the file as a ComfyUI ModelPatcher (loaded as an additional model)."""
-    import comfy.model_management
-    import comfy.model_patcher
-
-    model = build_model(read_state_dict(path), os.path.basename(path))
+def load_interactdiffusion(file_name):
+    """Read, validate and wrap a file of models/interactdiffusion/ as a ComfyUI ModelPatcher (loaded as
+    an additional model of the sampling)."""
+    model = build_model(FOLDER.read(file_name), file_name)
     if comfy.model_management.should_use_fp16():
         model = model.half()
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
