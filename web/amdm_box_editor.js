@@ -6,6 +6,8 @@
 //     MIGC instance:      phrase | x0, y0, x1, y1
 //     InteractDiffusion:  subject | action | object | sx0, sy0, sx1, sy1 | ox0, oy0, ox1, oy1
 // Lines it does not understand (comments, typos) are kept verbatim; the node works without this script.
+// The canvas size is computed here from the node's width and the image's aspect ratio (not taken from the
+// frontend's widget box), so it is the same in the classic and the "Nodes 2.0" (Vue) rendering.
 import { app } from "../../scripts/app.js";
 
 // node type -> the text widget it edits, the phrase fields and the boxes of one line
@@ -22,6 +24,9 @@ const EDITORS = {
 const COLORS = ["#ff5d5d", "#4fa3ff", "#ffd23f", "#4cd98b", "#d37bff", "#ff9f40", "#3fe0d0", "#ff7ac6"];
 const HANDLE_PX = 7;        // corner grab radius, CSS pixels
 const MIN_BOX_PX = 4;       // a drag shorter than this (image pixels) is a click, not a box
+const SIDE_PX = 12;         // space kept on each side of the canvas: both renderings' node padding fits in it
+const AREA_PX = [160, 480]; // bounds of the canvas height
+const CHROME_PX = 48;       // label bar + hint line around the canvas
 
 function parseBox(field) {
     const parts = field.split(",").map((p) => p.trim());
@@ -87,18 +92,36 @@ class BoxEditor {
     }
 
     get linked() {
-        return !!this.node.inputs?.some((i) => i.widget?.name === this.spec.text && i.link != null);
+        const slot = this.node.inputs?.findIndex((i) => i.widget?.name === this.spec.text) ?? -1;
+        return slot >= 0 && this.node.isInputConnected(slot);
+    }
+
+    // [width, height] of the canvas in CSS pixels: the node's width less the side space, the image's
+    // aspect ratio within AREA_PX (letterboxed beyond it)
+    canvasSize() {
+        const [w, h] = this.imageSize;
+        const width = Math.max(80, (this.node.size?.[0] ?? 400) - 2 * SIDE_PX);
+        return [width, Math.min(Math.max(width * h / w, AREA_PX[0]), AREA_PX[1])];
+    }
+
+    applySize() {
+        const [width, height] = this.canvasSize();
+        const style = this.canvas.style;
+        if (style.width === `${width}px` && style.height === `${height}px`) return;
+        Object.assign(style, { width: `${width}px`, height: `${height}px` });
+        this.holder.style.height = `${height}px`;
+        this.render();
     }
 
     buildDom() {
         const root = document.createElement("div");
         root.className = "amdm-box-editor";
         Object.assign(root.style, {
-            display: "flex", flexDirection: "column", gap: "3px", width: "100%", height: "100%",
+            display: "flex", flexDirection: "column", gap: "3px", width: "100%", minWidth: "0",
             boxSizing: "border-box", font: "11px sans-serif", color: "#ccc",
         });
         const bar = document.createElement("div");
-        Object.assign(bar.style, { display: "flex", gap: "3px", alignItems: "center", flexWrap: "wrap" });
+        Object.assign(bar.style, { display: "flex", gap: "3px", alignItems: "center", minWidth: "0" });
         this.labelInputs = this.spec.phrases.map((name, i) => {
             const input = document.createElement("input");
             Object.assign(input, {
@@ -107,7 +130,7 @@ class BoxEditor {
             });
             input.dataset.phrase = name;
             Object.assign(input.style, {
-                flex: "1 1 60px", minWidth: "40px", background: "#222", color: "#ddd",
+                flex: "1 1 0", width: "0", minWidth: "0", background: "#222", color: "#ddd",
                 border: "1px solid #555", borderRadius: "3px", padding: "1px 3px",
             });
             input.addEventListener("input", () => this.relabelSelected());
@@ -121,22 +144,23 @@ class BoxEditor {
         bar.append(del);
         this.hint = document.createElement("div");
         Object.assign(this.hint.style, { minHeight: "13px", whiteSpace: "nowrap", overflow: "hidden" });
+        // the holder keeps the canvas centred when the frontend's widget box is wider than the canvas
         const holder = document.createElement("div");
-        Object.assign(holder.style, { flex: "1 1 auto", position: "relative", minHeight: "80px" });
+        Object.assign(holder.style, { flex: "0 0 auto", display: "flex", justifyContent: "center" });
         this.canvas = document.createElement("canvas");
         this.canvas.tabIndex = 0;
-        Object.assign(this.canvas.style, {
-            position: "absolute", inset: "0", width: "100%", height: "100%", outline: "none", cursor: "crosshair",
-        });
+        Object.assign(this.canvas.style, { flex: "0 0 auto", display: "block", outline: "none", cursor: "crosshair" });
         holder.append(this.canvas);
         root.append(bar, holder, this.hint);
         this.root = root;
+        this.holder = holder;
+        this.applySize();
 
         this.canvas.addEventListener("pointerdown", (e) => this.onPointerDown(e));
         this.canvas.addEventListener("pointermove", (e) => this.onPointerMove(e));
         this.canvas.addEventListener("pointerup", (e) => this.onPointerUp(e));
         this.canvas.addEventListener("keydown", (e) => this.onKeyDown(e));
-        new ResizeObserver(() => this.render()).observe(holder);
+        new ResizeObserver(() => this.applySize()).observe(root);
     }
 
     // ---- text <-> model ------------------------------------------------------------------------
@@ -150,6 +174,7 @@ class BoxEditor {
         this.parsed = parseBoxText(text, this.spec);
         if (this.selected != null && this.selected >= this.parsed.items.length) this.selected = null;
         this.syncLabelInputs();
+        this.applySize();
         if (sizeChanged) this.fitNode();
         this.render();
     }
@@ -216,10 +241,7 @@ class BoxEditor {
     }
 
     preferredHeight() {
-        // the image area follows width/height at the node's width, within sensible bounds
-        const [w, h] = this.imageSize;
-        const area = Math.min(Math.max(((this.node.size?.[0] ?? 400) - 20) * h / w, 160), 480);
-        return area + 48;   // label bar + hint line
+        return this.canvasSize()[1] + CHROME_PX;
     }
 
     // ---- geometry --------------------------------------------------------------------------------
@@ -455,10 +477,7 @@ class BoxEditor {
 }
 
 app.registerExtension({
-    name: "amdm.BoxEditor",
-    setup() {
-        window.__amdmBoxEditor = { ready: true, nodeTypes: Object.keys(EDITORS) };
-    },
+    name: "amdm-aggregation.BoxEditor",   // namespaced with the registry id (comfy-test.toml)
     beforeRegisterNodeDef(nodeType, nodeData) {
         const spec = EDITORS[nodeData.name];
         if (!spec) return;
@@ -466,16 +485,17 @@ app.registerExtension({
         nodeType.prototype.onNodeCreated = function () {
             const result = onNodeCreated?.apply(this, arguments);
             const editor = new BoxEditor(this, spec);
-            const widget = this.addDOMWidget("box_editor", "amdm_box_editor", editor.root, {
+            const widget = this.addDOMWidget("box_editor", "amdm-aggregation.box_editor", editor.root, {
                 serialize: false,   // not an input: the text widget holds the boxes
                 hideOnZoom: false,
+                hideInPanel: true,  // the frontend's node panel would take the element out of the node
                 getValue: () => undefined,
                 setValue: () => {},
                 getMinHeight: () => editor.preferredHeight(),
                 onDraw: () => editor.refresh(),
             });
             widget.serialize = false;   // keeps widgets_values identical with and without this script
-            this.amdmBoxEditor = editor;
+            widget.boxEditor = editor;
             for (const name of [spec.text, "width", "height"]) {
                 const target = editor.widget(name);
                 if (!target) continue;
@@ -491,10 +511,24 @@ app.registerExtension({
             requestAnimationFrame(() => editor.refresh(true));
             return result;
         };
+        const editorOf = (node) => node.widgets?.find((w) => w.name === "box_editor")?.boxEditor;
         const onConfigure = nodeType.prototype.onConfigure;
         nodeType.prototype.onConfigure = function () {
             const result = onConfigure?.apply(this, arguments);
-            this.amdmBoxEditor?.refresh(true);
+            editorOf(this)?.refresh(true);
+            return result;
+        };
+        // a link to or from the text input makes the canvas read-only (Nodes 2.0 calls no onDraw to notice)
+        const onConnectionsChange = nodeType.prototype.onConnectionsChange;
+        nodeType.prototype.onConnectionsChange = function () {
+            const result = onConnectionsChange?.apply(this, arguments);
+            editorOf(this)?.refresh();
+            return result;
+        };
+        const onResize = nodeType.prototype.onResize;
+        nodeType.prototype.onResize = function () {
+            const result = onResize?.apply(this, arguments);
+            editorOf(this)?.applySize();
             return result;
         };
     },
