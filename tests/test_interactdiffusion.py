@@ -677,3 +677,19 @@ def test_size_is_checked_against_the_sampled_latent(ids, comfy, checkpoint, enco
                                          r"but the sampler's latent is 8x8 \(64x64 pixels\)"):
         comfy.KSampler().sample(checkpoint[0], 1, 1, 5.0, "euler", "normal", grounded, encoded[1], latent)
     assert torch.isfinite(ksample(comfy, checkpoint[0], *encoded, steps=1, cfg=1.0)).all()  # nothing left patched
+
+
+def test_bf16_unet_matches_fp32_within_bf16_precision(ids, comfy, checkpoint, encoded, grounded):
+    """The fusers follow the UNet's dtype (comfy.ops manual_cast): the same interactions on the tiny UNet
+    cast to bf16 give the fp32 result within bf16 precision (relative L2 error < 3%, far below the
+    fusers' own effect)."""
+    from test_ipadapter_sampler import bf16_copy
+
+    bf16 = bf16_copy(checkpoint[0])
+    with FuserCalls(ids.model.GatedSelfAttentionFuser) as fusers:
+        bf16_out = ksample(comfy, bf16, grounded, encoded[1], steps=1).float()
+    assert len(fusers.calls) == 16  # one batched pass: the fusers ran in every block
+    fp32_out = ksample(comfy, checkpoint[0], grounded, encoded[1], steps=1)
+    error = ((bf16_out - fp32_out).norm() / fp32_out.norm()).item()
+    effect = ((ksample(comfy, bf16, *encoded, steps=1).float() - bf16_out).norm() / fp32_out.norm()).item()
+    assert error < 0.03 and effect > 3 * error, (error, effect)

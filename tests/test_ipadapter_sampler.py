@@ -116,3 +116,60 @@ def test_sampler_runs_this_packs_ipadapter_as_main_and_aux_branch(comfy, pack, t
     assert set(ran) == SD15_BLOCKS
     assert torch.isfinite(as_aux).all() and torch.isfinite(as_main).all()
     assert (as_aux - as_main).abs().max() > 1e-4
+
+
+def bf16_copy(patcher):
+    """A ModelPatcher over a copy of ``patcher``'s model with every UNet weight cast to bfloat16 (the
+    dtype a bf16 UNet is loaded in; apply_model then feeds it bf16 inputs)."""
+    import copy
+
+    import comfy.model_patcher
+
+    model = copy.deepcopy(patcher.model).to(torch.bfloat16)
+    model.diffusion_model.dtype = torch.bfloat16
+    return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+
+
+def styled_model(comfy, model, weight=0.8):
+    import folder_paths
+
+    models = folder_paths.models_dir
+    clip_file = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+    tiny_ipadapter.write_tiny_clip_vision(os.path.join(models, "clip_vision", clip_file))
+    tiny_ipadapter.write_tiny_ipadapter(os.path.join(models, "ipadapter", "ip-adapter_sd15.safetensors"))
+    clip_vision = comfy.CLIPVisionLoader().load_clip(clip_file)[0]
+    adapter = comfy.NODE_CLASS_MAPPINGS["AMDMIPAdapterLoader"]().load("ip-adapter_sd15.safetensors")[0]
+    picture = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(4))
+    return comfy.NODE_CLASS_MAPPINGS["AMDMIPAdapterApply"]().apply(model, adapter, picture, weight, 0.0, 1.0,
+                                                                   clip_vision)[0]
+
+
+def ksample(comfy, model, conds, cfg=5.0):
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    return comfy.KSampler().sample(model, 3, 2, cfg, "euler", "normal", conds[0], conds[1],
+                                   latent)[0]["samples"].float()
+
+
+def test_one_batched_pass_per_step_at_cfg_and_the_two_pass_result(comfy, pack, tiny_model, conds):
+    from test_interactdiffusion import record_sigmas, split_passes
+
+    styled = styled_model(comfy, tiny_model)
+    recorded, passes = record_sigmas(styled)
+    batched = ksample(comfy, recorded, conds)
+    assert [sorted(kinds) for _, kinds in passes] == [[0, 1], [0, 1]], "expected ONE cond+uncond pass per step"
+    split, calls = split_passes(styled)
+    two_pass = ksample(comfy, split, conds)
+    assert sorted(calls) == [(0,), (0,), (1,), (1,)]
+    batching_noise = (ksample(comfy, split_passes(tiny_model)[0], conds) - ksample(comfy, tiny_model, conds)).abs().max()
+    assert (two_pass - batched).abs().max().item() <= 4 * batching_noise.item() + 1e-5
+    assert (batched - ksample(comfy, tiny_model, conds)).abs().max() > 1e-3  # the adapter acted
+
+
+def test_bf16_unet_matches_fp32_within_bf16_precision(comfy, pack, tiny_model, conds):
+    """The image K/V follow the UNet's dtype: IP-Adapter on the tiny UNet cast to bf16 gives the fp32
+    result within bf16 precision (relative L2 error < 3%, far below the adapter's own effect)."""
+    bf16 = bf16_copy(tiny_model)
+    fp32_out, bf16_out = ksample(comfy, styled_model(comfy, tiny_model), conds), ksample(comfy, styled_model(comfy, bf16), conds)
+    error = ((bf16_out - fp32_out).norm() / fp32_out.norm()).item()
+    effect = ((ksample(comfy, bf16, conds) - bf16_out).norm() / fp32_out.norm()).item()
+    assert error < 0.03 and effect > 3 * error, (error, effect)

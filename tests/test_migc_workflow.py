@@ -118,3 +118,57 @@ def test_main_and_aux_branch_of_the_amdm_sampler(pack, patched, checkpoint, enco
     as_main = run(patched, plain)  # main: all 3 steps, MIGC on steps 0 and 1
     assert migc_runs == [(1, 2)] * 8
     assert torch.isfinite(as_aux).all() and torch.isfinite(as_main).all() and (as_aux - as_main).abs().max() > 1e-4
+
+
+def test_one_batched_pass_per_step_at_cfg_and_the_two_pass_result(comfy, patched, checkpoint, encoded, migc_runs):
+    from test_interactdiffusion import record_sigmas, split_passes
+
+    positive, negative = encoded
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    recorded, passes = record_sigmas(patched)
+    batched = comfy.KSampler().sample(recorded, 5, 2, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+    assert [sorted(kinds) for _, kinds in passes] == [[0, 1], [0, 1]], "expected ONE cond+uncond pass per step"
+    assert migc_runs == [(1, 2)] * 8  # MIGC ran on the cond row of each batched pass
+    split, calls = split_passes(patched)
+    two_pass = comfy.KSampler().sample(split, 5, 2, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+    assert sorted(calls) == [(0,), (0,), (1,), (1,)]
+    plain = checkpoint[0]
+    plain_batched = comfy.KSampler().sample(plain, 5, 2, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+    plain_split = comfy.KSampler().sample(split_passes(plain)[0], 5, 2, 5.0, "euler", "normal", positive, negative,
+                                          latent)[0]["samples"]
+    batching_noise = (plain_split - plain_batched).abs().max().item()
+    assert (two_pass - batched).abs().max().item() <= 4 * batching_noise + 1e-5
+
+
+def test_bf16_unet_matches_fp32_within_bf16_precision(pack_module, comfy, checkpoint, migc_file, encoded, migc_runs):
+    """MIGC's layers follow the UNet's dtype (comfy.ops manual_cast): the same MIGC on the tiny UNet cast to
+    bf16 gives the fp32 result within bf16 precision (relative L2 error < 3%, where MIGC itself changes the
+    output by far more)."""
+    from test_ipadapter_sampler import bf16_copy
+
+    positive, negative = encoded
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    nodes = pack_module("adapters.migc.nodes")
+    migc = nodes.MIGCLoader().load(migc_file)[0]
+
+    def sample(model, with_migc):
+        if with_migc:
+            model = nodes.MIGCApply().apply(model, checkpoint[1], migc, INSTANCES, 128, 128, 1, -1)[0]
+        return comfy.KSampler().sample(model, 5, 2, 5.0, "euler", "normal", positive, negative,
+                                       latent)[0]["samples"].float()
+
+    bf16 = bf16_copy(checkpoint[0])
+    fp32_out, bf16_out = sample(checkpoint[0], True), sample(bf16, True)
+    assert migc_runs and all(rows == 1 for rows, _ in migc_runs)
+    error = ((bf16_out - fp32_out).norm() / fp32_out.norm()).item()
+    effect = ((sample(bf16, False) - bf16_out).norm() / fp32_out.norm()).item()
+    assert error < 0.03 and effect > 3 * error, (error, effect)
+
+
+@pytest.mark.parametrize("setting", ["ca_scale", "ea_scale", "sac_scale"])
+def test_apply_refuses_non_finite_scales_by_name(pack_module, checkpoint, migc_file, setting):
+    nodes = pack_module("adapters.migc.nodes")
+    migc = nodes.MIGCLoader().load(migc_file)[0]
+    scales = {"ca_scale": 1.0, "ea_scale": 1.0, "sac_scale": 1.0, setting: float("nan")}
+    with pytest.raises(ValueError, match=rf"MIGC Apply: {setting} is nan; give a finite number"):
+        nodes.MIGCApply().apply(checkpoint[0], checkpoint[1], migc, INSTANCES, 128, 128, 1, -1, **scales)
