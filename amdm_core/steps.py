@@ -676,3 +676,90 @@ class DEISStep(_DerivativeHistory):
                 x_next = x_next + weight * previous
         self._remember(d, sigma)
         return x_next
+
+
+class GradientEstimationStep:
+    """Gradient estimation ("gradient_estimation", Permenter & Yuan): an Euler step plus, from the second
+    step on, (ge_gamma - 1)(d - d_prev) dt with this branch's previous derivative; x_next = D at 0."""
+
+    CALLS_PER_STEP = CALLS_TO_ZERO = 1
+
+    def __init__(self, ge_gamma=2.0):
+        self.ge_gamma = ge_gamma
+        self.previous_derivative = None
+
+    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+        d = _derivative(x, denoised, sigma)
+        dt = sigma_next - sigma
+        if sigma_next == 0:
+            x = denoised
+        else:
+            x = x + d * dt
+            if self.previous_derivative is not None:
+                x = x + (self.ge_gamma - 1) * (d - self.previous_derivative) * dt
+        self.previous_derivative = d
+        return x
+
+
+def er_sde_noise_scaler(value):
+    """The ER-SDE solver's default noise scaler: v (e^{v^0.3} + 10)."""
+    return value * ((value**0.3).exp() + 10.0)
+
+
+class ERSDEStep:
+    """Extended reverse-time SDE solver, VP ER-SDE-Solver-3 ("er_sde", Cui et al. 2023, arXiv
+    2309.06169), in er_lambda = e^{-lambda} = b/a (lambda = half_log_snr), per-branch history of D and
+    its first difference, stage min(max_stage, i + 1), 200-point quadrature of the scaler integrals:
+
+        alpha = sigma / er_lambda,  r = scaler(er_lambda_next) / scaler(er_lambda)
+        x' = (alpha_next / alpha) r x + alpha_next (1 - r) D
+           + stage 2: alpha_next (dt + S_1 scaler(er_lambda_next)) (D - D_1)/(er_lambda - er_lambda_1)
+           + stage 3: alpha_next (dt^2/2 + S_2 scaler(er_lambda_next)) (second difference)
+        x_next = x' + alpha_next s_noise sqrt(er_lambda_next^2 - er_lambda^2 r^2) noise;  D at sigma_next = 0
+
+    er_lambdas: e^{-half_log_snr} of the whole (offset) schedule, computed by the caller as one vector
+    (ComfyUI: sigma_to_half_log_snr(sigmas, model_sampling).neg().exp()), indexed by step."""
+
+    CALLS_PER_STEP = CALLS_TO_ZERO = 1
+    INTEGRATION_POINTS = 200.0
+
+    def __init__(self, noise_sampler, er_lambdas, s_noise=1.0, max_stage=3, noise_scaler=er_sde_noise_scaler):
+        self.noise_sampler = noise_sampler
+        self.er_lambdas = er_lambdas
+        self.s_noise = s_noise
+        self.max_stage = max_stage
+        self.noise_scaler = noise_scaler
+        self.step_index = 0
+        self.previous_denoised = None
+        self.previous_difference = None
+
+    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+        i, lambdas, scaler = self.step_index, self.er_lambdas, self.noise_scaler
+        stage = min(self.max_stage, i + 1)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            er_lambda_s, er_lambda_t = lambdas[i], lambdas[i + 1]
+            alpha_s, alpha_t = sigma / er_lambda_s, sigma_next / er_lambda_t
+            r = scaler(er_lambda_t) / scaler(er_lambda_s)
+            x = alpha_t / alpha_s * r * x + alpha_t * (1 - r) * denoised
+            if stage >= 2:
+                dt = er_lambda_t - er_lambda_s
+                step_size = -dt / self.INTEGRATION_POINTS
+                points = torch.arange(0, self.INTEGRATION_POINTS, dtype=torch.float32, device=x.device)
+                positions = er_lambda_t + points * step_size
+                scaled = scaler(positions)
+                integral = torch.sum(1 / scaled) * step_size
+                difference = (denoised - self.previous_denoised) / (er_lambda_s - lambdas[i - 1])
+                x = x + alpha_t * (dt + integral * scaler(er_lambda_t)) * difference
+                if stage >= 3:
+                    integral_u = torch.sum((positions - er_lambda_s) / scaled) * step_size
+                    second = (difference - self.previous_difference) / ((er_lambda_s - lambdas[i - 2]) / 2)
+                    x = x + alpha_t * ((dt**2) / 2 + integral_u * scaler(er_lambda_t)) * second
+                self.previous_difference = difference
+            if self.s_noise > 0:
+                x = x + alpha_t * self.noise_sampler(sigma, sigma_next) * self.s_noise * (
+                    er_lambda_t**2 - er_lambda_s**2 * r**2).sqrt().nan_to_num(nan=0.0)
+        self.previous_denoised = denoised
+        self.step_index += 1
+        return x

@@ -27,7 +27,9 @@ from amdm_core import (
     DPMPP2SAncestralStep,
     DPMPP3MSDEStep,
     DPMPPSDEStep,
+    ERSDEStep,
     EulerStep,
+    GradientEstimationStep,
     HeunStep,
     IPNDMStep,
     IPNDMVStep,
@@ -104,74 +106,59 @@ def _deis_coefficients(sigmas):
     return deis.get_deis_coeff_list(sigmas, 3, deis_mode="tab")
 
 
+def _er_lambdas(ms, sigmas):
+    """e^{-lambda} of the offset schedule, computed as one vector as sample_er_sde does."""
+    from comfy.k_diffusion import sampling as kd
+
+    return kd.sigma_to_half_log_snr(kd.offset_first_sigma_for_snr(sigmas, ms), ms).neg().exp()
+
+
 def _lms_coefficient():
     from comfy.k_diffusion import sampling as kd
 
     return kd.linear_multistep_coeff
 
 
+def brownian_step(step_class, cpu=True, **options):
+    """An SDE step on a Brownian tree seeded with the branch's seed over the original sigma range."""
+    return lambda ms, x, sigmas, seed: step_class(brownian(x, sigmas, seed, cpu), s_noise=s_noise_of(ms, True),
+                                                  rectified_flow=_rf(ms), **options)
+
+
+def ancestral_step(eps_class, flow_class):
+    """An ancestral step: ComfyUI switches to the rectified-flow formula on CONST model samplings (and
+    only that one takes the 0.33 noise scale)."""
+    return lambda ms, x, sigmas, seed: (flow_class(default_noise(x, seed), s_noise=s_noise_of(ms, True)) if _rf(ms)
+                                        else eps_class(default_noise(x, seed)))
+
+
 # name -> (make_step(model_sampling, x, original sigmas, seed), offsets the first sigma like the SDE samplers)
 SAMPLERS = {
     "euler": (lambda ms, x, sigmas, seed: EulerStep(), False),
-    "euler_ancestral": (
-        lambda ms, x, sigmas, seed: AncestralRFStep(default_noise(x, seed), s_noise=s_noise_of(ms, True))
-        if _rf(ms) else AncestralStep(default_noise(x, seed)),
-        False,
-    ),
+    "euler_ancestral": (ancestral_step(AncestralStep, AncestralRFStep), False),
     "heun": (lambda ms, x, sigmas, seed: HeunStep(), False),
     "lms": (lambda ms, x, sigmas, seed: LMSStep(coefficient=_lms_coefficient()), False),
     "dpmpp_2m": (lambda ms, x, sigmas, seed: DPMPP2MStep(), False),
-    "dpmpp_sde": (
-        lambda ms, x, sigmas, seed: DPMPPSDEStep(brownian(x, sigmas, seed, True), s_noise=s_noise_of(ms, True),
-                                                 rectified_flow=_rf(ms)),
-        True,
-    ),
-    "dpmpp_sde_gpu": (
-        lambda ms, x, sigmas, seed: DPMPPSDEStep(brownian(x, sigmas, seed, False), s_noise=s_noise_of(ms, True),
-                                                 rectified_flow=_rf(ms)),
-        True,
-    ),
-    "dpmpp_2m_sde": (
-        lambda ms, x, sigmas, seed: DPMPP2MSDEStep(brownian(x, sigmas, seed, True), s_noise=s_noise_of(ms, True),
-                                                   rectified_flow=_rf(ms)),
-        True,
-    ),
-    "dpmpp_2m_sde_gpu": (
-        lambda ms, x, sigmas, seed: DPMPP2MSDEStep(brownian(x, sigmas, seed, False), s_noise=s_noise_of(ms, True),
-                                                   rectified_flow=_rf(ms)),
-        True,
-    ),
-    "dpmpp_2m_sde_heun": (
-        lambda ms, x, sigmas, seed: DPMPP2MSDEStep(brownian(x, sigmas, seed, True), s_noise=s_noise_of(ms, True),
-                                                   solver_type="heun", rectified_flow=_rf(ms)),
-        True,
-    ),
-    "dpmpp_3m_sde": (
-        lambda ms, x, sigmas, seed: DPMPP3MSDEStep(brownian(x, sigmas, seed, True), s_noise=s_noise_of(ms, True),
-                                                   rectified_flow=_rf(ms)),
-        True,
-    ),
-    "dpmpp_3m_sde_gpu": (
-        lambda ms, x, sigmas, seed: DPMPP3MSDEStep(brownian(x, sigmas, seed, False), s_noise=s_noise_of(ms, True),
-                                                   rectified_flow=_rf(ms)),
-        True,
-    ),
+    "dpmpp_sde": (brownian_step(DPMPPSDEStep), True),
+    "dpmpp_sde_gpu": (brownian_step(DPMPPSDEStep, cpu=False), True),
+    "dpmpp_2m_sde": (brownian_step(DPMPP2MSDEStep), True),
+    "dpmpp_2m_sde_gpu": (brownian_step(DPMPP2MSDEStep, cpu=False), True),
+    "dpmpp_2m_sde_heun": (brownian_step(DPMPP2MSDEStep, solver_type="heun"), True),
+    "dpmpp_3m_sde": (brownian_step(DPMPP3MSDEStep), True),
+    "dpmpp_3m_sde_gpu": (brownian_step(DPMPP3MSDEStep, cpu=False), True),
     "lcm": (lambda ms, x, sigmas, seed: LCMStep(default_noise(x, seed), ms.noise_scaling), False),
     "dpm_2": (lambda ms, x, sigmas, seed: DPM2Step(), False),
-    "dpm_2_ancestral": (
-        lambda ms, x, sigmas, seed: DPM2AncestralRFStep(default_noise(x, seed), s_noise=s_noise_of(ms, True))
-        if _rf(ms) else DPM2AncestralStep(default_noise(x, seed)),
-        False,
-    ),
-    "dpmpp_2s_ancestral": (
-        lambda ms, x, sigmas, seed: DPMPP2SAncestralRFStep(default_noise(x, seed), s_noise=s_noise_of(ms, True))
-        if _rf(ms) else DPMPP2SAncestralStep(default_noise(x, seed)),
-        False,
-    ),
+    "dpm_2_ancestral": (ancestral_step(DPM2AncestralStep, DPM2AncestralRFStep), False),
+    "dpmpp_2s_ancestral": (ancestral_step(DPMPP2SAncestralStep, DPMPP2SAncestralRFStep), False),
     "ddpm": (lambda ms, x, sigmas, seed: DDPMStep(default_noise(x, seed)), False),
     "ipndm": (lambda ms, x, sigmas, seed: IPNDMStep(), False),
     "ipndm_v": (lambda ms, x, sigmas, seed: IPNDMVStep(), False),
     "deis": (lambda ms, x, sigmas, seed: DEISStep(_deis_coefficients(sigmas)), False),
+    "gradient_estimation": (lambda ms, x, sigmas, seed: GradientEstimationStep(), False),
+    "er_sde": (
+        lambda ms, x, sigmas, seed: ERSDEStep(default_noise(x, seed), _er_lambdas(ms, sigmas), s_noise=s_noise_of(ms, True)),
+        True,
+    ),
     "res_multistep": (lambda ms, x, sigmas, seed: ResMultistepStep(), False),
     "res_multistep_ancestral": (
         lambda ms, x, sigmas, seed: ResMultistepStep(default_noise(x, seed), eta=1.0, s_noise=s_noise_of(ms, True)),
