@@ -28,7 +28,7 @@ RENDERINGS = {"classic": False, "nodes2": True}
 LEGS = [(frontend, rendering) for frontend in FRONTENDS for rendering in RENDERINGS]
 PACK_SCRIPT = f"/extensions/{PACK_DIR_NAME}/amdm_box_editor.js"
 UNKNOWN_NODE = "AMDMNoSuchNodeType"
-NODE_WIDTH = 400  # the editor nodes are set to this width before their canvas is used
+NODE_WIDTH = 400  # the editor nodes' width in the shipped workflows
 BOX_TOLERANCE = 2.0  # image pixels between the box dragged on screen and the box written
 
 
@@ -163,15 +163,14 @@ def test_unknown_node_type_is_reported_missing(ui, leg):
 
 
 def show_node(ui, node_type):
-    """The node at the top-left of the canvas at zoom 1, NODE_WIDTH wide; returns its id."""
+    """The node at the top-left of the canvas at zoom 1; returns its id."""
     nid = node_id(ui, node_type)
-    ui.page.evaluate("""([id, width]) => {
+    ui.page.evaluate("""(id) => {
         const node = app.graph.getNodeById(id);
-        node.setSize([width, node.size[1]]);
         app.canvas.ds.scale = 1;
         app.canvas.ds.offset = [100 - node.pos[0], 80 - node.pos[1]];
         app.canvas.setDirty(true, true);
-    }""", [nid, NODE_WIDTH])
+    }""", nid)
     ui.page.wait_for_timeout(500)
     return nid
 
@@ -338,9 +337,13 @@ def test_queue_workflow_1_in_the_browser(ui, leg, input_types):
     for img in images:
         assert os.path.getsize(os.path.join(ui.base_dir, "output", img["subfolder"], img["filename"])) > 0
     save_id = str(next(n["id"] for n in workflow["nodes"] if n["type"] == "SaveImage"))
-    ui.page.wait_for_function(
-        "(id) => { const n = app.graph.getNodeById(Number(id)); return n.imgs && n.imgs.length > 0 && n.imgs[0].complete; }",
-        arg=save_id, timeout=30_000)
+    shown = next(img["filename"] for img in entry["outputs"][save_id]["images"])
+    # the classic canvas draws the node's loaded images (node.imgs); Nodes 2.0 shows them as <img> elements
+    ui.page.wait_for_function("""([id, file]) => {
+        const n = app.graph.getNodeById(Number(id));
+        return (n.imgs?.length > 0 && n.imgs[0].complete) ||
+            [...document.querySelectorAll('img')].some(i => i.src.includes(encodeURIComponent(file)) && i.complete);
+    }""", arg=[save_id, shown], timeout=30_000)
     screenshot(ui, leg, "workflow_1_queued")
     sent = entry["prompt"][2]
     assert sent[save_id]["class_type"] == "SaveImage"
