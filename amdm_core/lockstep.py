@@ -7,8 +7,8 @@ NoiseSpace, x = a(sigma) x0 + b(sigma) eps (docs/algorithm.md); EPS_SPACE (a = 1
 
     for i = 0 .. T-1:
         every active branch k (aux branches only while i <= s):
-            D_k = denoise_k(x_k, sigma_i);  eps_k = (x_k - a_i D_k) / b_i
-            y_k = step_k(x_k, D_k, sigma_i, sigma_{i+1}, denoise_k)   # may call denoise_k again
+            y_k, D_k = step_k(x_k, denoise_k, sigma_i, sigma_{i+1})   # D_k = denoise_k(x_k, sigma_i), its
+            eps_k = (x_k - a_i D_k) / b_i                                # first call; more for 2nd order
         if 1 <= i <= s:                                   # step 0 is never aggregated
             xbar = aggregate(y_0 .. y_{N-1}; weights)
             every branch k:  y_k = deviation_correct(xbar, mu_k, p_k)    (VP space at sigma_{i+1})
@@ -39,21 +39,19 @@ class LockstepResult:
     steps_done: int
 
 
-def expected_model_calls(steps, branches, aggregation_steps, step_type=EulerStep, ends_at_zero=True):
-    """Denoiser calls of a run: the main branch runs steps 0 .. T-1, each aux branch steps 0 .. s (s
-    clamped to [0, T - 1]); a step costs step_type.CALLS_PER_STEP calls, or step_type.CALLS_TO_ZERO when it
-    ends at sigma 0 (the last step when ends_at_zero, as in every ComfyUI schedule).
+def expected_model_calls(sigmas, branches, aggregation_steps, model_calls=None):
+    """Denoiser calls of a run: the main branch runs steps 0 .. T-1, each aux branch steps 0 .. s (s clamped
+    to [0, T - 1]); step i costs model_calls(sigma_i, sigma_{i+1}) calls (a step class's `model_calls`;
+    default 1). sigmas: the schedule, or T for T steps of one that ends at 0 (every ComfyUI schedule).
     One call per step (euler, ddim, ancestral, dpmpp_2m, the SDE multistep samplers, lms, lcm, ...):
-    T + (N - 1)(s + 1). Two per step but one at the end (heun, dpmpp_sde):
+    T + (N - 1)(s + 1). Two per step but one into sigma 0 (heun, dpm_2, dpmpp_sde, ...):
     2T - 1 + (N - 1)(2(s + 1) - [s = T - 1])."""
-    steps = int(steps)
+    if isinstance(sigmas, int):
+        sigmas = torch.linspace(1.0, 0.0, sigmas + 1)
+    steps = len(sigmas) - 1
     window = min(max(int(aggregation_steps), 0), steps - 1)
-
-    def calls(count):  # calls of steps 0 .. count-1
-        last_to_zero = ends_at_zero and count == steps
-        return (count - last_to_zero) * step_type.CALLS_PER_STEP + last_to_zero * step_type.CALLS_TO_ZERO
-
-    return calls(steps) + (int(branches) - 1) * calls(window + 1)
+    per_step = [1 if model_calls is None else int(model_calls(sigmas[i], sigmas[i + 1])) for i in range(steps)]
+    return sum(per_step) + (int(branches) - 1) * sum(per_step[: window + 1])
 
 
 def _per_branch(value, count, name):
@@ -127,8 +125,8 @@ def run_lockstep(
     weights: one per aux branch; deviation_steps: p for every branch or a list of p_k; mean_mode: "auto",
     "reference" or "exact"; sigma_table: the model's 1000-step discrete DDPM sigma table, None where it has
     none (required for "reference"); space: the family's NoiseSpace (x = a x0 + b eps); make_step(k) -> the
-    step object of branch k (called step(x, D, sigma, sigma_next, denoise_k)); callback(i, main D, main x
-    after step i); check_interrupt() before each step (raise to stop); stop_after_window: return right
+    step object of branch k, step(x, denoise_k, sigma, sigma_next) -> (x_next, D at (x, sigma)) (see
+    steps.py); callback(i, main D, main x after step i); check_interrupt() before each step (raise to stop); stop_after_window: return right
     after step s, leaving the tail to the caller.
     """
     weights = list(weights)
@@ -148,7 +146,6 @@ def run_lockstep(
 
     x = list(initial_latents)
     eps_prev = [None] * n
-    s_in = x[0].new_ones([x[0].shape[0]])
     steps_done = 0
     for i in range(total_steps):
         if check_interrupt is not None:
@@ -161,10 +158,9 @@ def run_lockstep(
         slope = [None] * n
         main_denoised = None
         for k in active:
-            denoised = counted[k](x[k], sigma * s_in)
+            y[k], denoised = steps[k](x[k], counted[k], sigma, sigma_next)
             slope[k] = (x[k] - denoised) / sigma  # the Euler derivative; = eps for eps models
             eps[k] = slope[k] if space is EPS_SPACE else space.eps(x[k], denoised, sigma)
-            y[k] = steps[k](x[k], denoised, sigma, sigma_next, counted[k])
             if k == 0:
                 main_denoised = denoised
 

@@ -1,12 +1,14 @@
 """Single sampling steps, one object per branch (so a step keeps per-branch state: its own noise source,
 its own multistep history).
 
-Call: step(x, denoised, sigma, sigma_next, denoise) -> x_next. sigma / sigma_next are 0-dim tensors
-(entries of the sigmas schedule); denoised = denoise(x, sigma * ones(batch)) is the loop's call, made for
-every step so that every step starts from the same D (and eps); denoise is the branch's denoiser, for the
-extra calls of second-order steps, called like the loop calls it (sigma * ones(batch)).
-CALLS_PER_STEP / CALLS_TO_ZERO: the model calls of one step, the loop's included, for sigma_next > 0 /
-sigma_next = 0 (see lockstep.expected_model_calls).
+Call: step(x, denoise, sigma, sigma_next) -> (x_next, denoised). sigma / sigma_next are 0-dim tensors
+(entries of the sigmas schedule); denoise(x, sigma * ones(batch)) is the branch's denoiser, called like
+k-diffusion samplers call their model; denoised is its x0 estimate at (x, sigma), the step's first call
+(the loop takes the branch's eps and the preview from it). `Step` makes that first call and hands it to
+`advance(x, denoised, sigma, sigma_next, denoise)`; second-order steps make their extra calls through
+denoise. model_calls(sigma, sigma_next): the calls of one step (CALLS_PER_STEP, or CALLS_TO_ZERO into
+sigma_next = 0), summed by lockstep.expected_model_calls. Any object with the same call (and
+model_calls) can be a step, e.g. one that runs a sampler function over [sigma, sigma_next].
 
 Each step is written in the operation order of the k-diffusion sampler it reproduces, so that one
 branch stepped over a whole schedule equals that sampler bit for bit (docs/algorithm.md, "Samplers").
@@ -51,19 +53,32 @@ def ancestral_sigmas(sigma, sigma_next, eta=1.0):
     return sigma_down, sigma_up
 
 
-class EulerStep:
+class Step:
+    """Base of the exact steps: the first model call, then `advance` (defined by each step)."""
+
+    CALLS_PER_STEP = CALLS_TO_ZERO = 1
+
+    @classmethod
+    def model_calls(cls, sigma, sigma_next):
+        """Model calls of one step sigma -> sigma_next, the first one included."""
+        return cls.CALLS_TO_ZERO if sigma_next == 0 else cls.CALLS_PER_STEP
+
+    def __call__(self, x, denoise, sigma, sigma_next):
+        denoised = denoise(x, _batch_sigma(sigma, x))
+        return self.advance(x, denoised, sigma, sigma_next, denoise), denoised
+
+
+class EulerStep(Step):
     """Euler in sigma space == DDIM with eta 0 (the paper's sampler; "euler" and "ddim", every family):
 
         x_next = x + (sigma_next - sigma) * (x - D) / sigma
     """
 
-    CALLS_PER_STEP = CALLS_TO_ZERO = 1
-
-    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         return x + _derivative(x, denoised, sigma) * (sigma_next - sigma)
 
 
-class AncestralStep:
+class AncestralStep(Step):
     """Euler ancestral (eps models): a deterministic Euler step to sigma_down, then fresh noise of size
     sigma_up from this branch's own `noise_sampler(sigma, sigma_next)`:
 
@@ -71,14 +86,12 @@ class AncestralStep:
 
     (x_next = D when sigma_down is 0.)"""
 
-    CALLS_PER_STEP = CALLS_TO_ZERO = 1
-
     def __init__(self, noise_sampler, eta=1.0, s_noise=1.0):
         self.noise_sampler = noise_sampler
         self.eta = eta
         self.s_noise = s_noise
 
-    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next, self.eta)
         if sigma_down == 0:
             return denoised
@@ -100,7 +113,7 @@ class AncestralRFStep(AncestralStep):
 
     (x_next = D when sigma_next is 0; no noise when eta is 0.)"""
 
-    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         if sigma_next == 0:
             return denoised
         sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * self.eta)
@@ -113,7 +126,7 @@ class AncestralRFStep(AncestralStep):
         return x
 
 
-class HeunStep:
+class HeunStep(Step):
     """Heun (Karras et al. 2022, algorithm 2 with no churn): an Euler step, a second model call at its
     end, and the average slope; a plain Euler step into sigma_next = 0.
 
@@ -123,7 +136,7 @@ class HeunStep:
 
     CALLS_PER_STEP, CALLS_TO_ZERO = 2, 1
 
-    def __call__(self, x, denoised, sigma, sigma_next, denoise):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         d = _derivative(x, denoised, sigma)
         dt = sigma_next - sigma
         if sigma_next == 0:
@@ -154,7 +167,7 @@ def lms_coefficient(order, sigmas, i, j):
     return sum(c * h ** (m + 1) / (m + 1) for m, c in enumerate(poly))
 
 
-class LMSStep:
+class LMSStep(Step):
     """Linear multistep (order up to 4) on this branch's own derivative history d_i = (x_i - D_i)/sigma_i:
 
         x_next = x + sum_j coefficient(order_i, sigmas, i, j) * d_{i-j},  order_i = min(i + 1, order)
@@ -163,15 +176,13 @@ class LMSStep:
     coefficient(order, sigmas, i, j) -> float takes the float32 schedule so far as a numpy array (as
     k-diffusion's linear_multistep_coeff does). One object per branch, for consecutive steps from step 0."""
 
-    CALLS_PER_STEP = CALLS_TO_ZERO = 1
-
     def __init__(self, order=4, coefficient=lms_coefficient):
         self.order = order
         self.coefficient = coefficient
         self.derivatives = []
         self.seen_sigmas = []
 
-    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         self.derivatives.append(_derivative(x, denoised, sigma))
         if len(self.derivatives) > self.order:
             self.derivatives.pop(0)
@@ -185,7 +196,7 @@ class LMSStep:
         return x + sum(c * d for c, d in zip(coefficients, reversed(self.derivatives)))
 
 
-class DPMPP2MStep:
+class DPMPP2MStep(Step):
     """DPM-Solver++(2M) with per-branch history (this branch's previous D and sigma), t = -log(sigma)
     (the same formulas on every family):
 
@@ -195,13 +206,11 @@ class DPMPP2MStep:
                     x_next = (sigma_next / sigma) x - expm1(-h) D'
     """
 
-    CALLS_PER_STEP = CALLS_TO_ZERO = 1
-
     def __init__(self):
         self.previous_denoised = None
         self.previous_sigma = None
 
-    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         t, t_next = sigma.log().neg(), sigma_next.log().neg()
         h = t_next - t
         ratio = t_next.neg().exp() / t.neg().exp()
@@ -215,7 +224,7 @@ class DPMPP2MStep:
         return x_next
 
 
-class _SDEMultistep:
+class _SDEMultistep(Step):
     """Shared state of the DPM-Solver++ SDE multistep steps: lambda = half_log_snr, h = lambda_next -
     lambda, the eta-damped data-prediction update and the Brownian noise term
 
@@ -223,8 +232,6 @@ class _SDEMultistep:
         alpha_next = sigma_next e^{lambda_next}
         noise term: s_noise sigma_next sqrt(1 - e^{-2 h eta}) noise(sigma, sigma_next)
     and x_next = D at sigma_next = 0."""
-
-    CALLS_PER_STEP = CALLS_TO_ZERO = 1
 
     def __init__(self, noise_sampler, eta=1.0, s_noise=1.0, rectified_flow=False):
         self.noise_sampler = noise_sampler
@@ -234,7 +241,7 @@ class _SDEMultistep:
         self.previous_denoised = []  # most recent first
         self.previous_h = []
 
-    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         h = self.previous_h[0] if self.previous_h else None
         if sigma_next == 0:
             x = denoised
@@ -306,7 +313,7 @@ class DPMPP3MSDEStep(_SDEMultistep):
         return x
 
 
-class DPMPPSDEStep:
+class DPMPPSDEStep(Step):
     """DPM-Solver++ SDE ("dpmpp_sde", "_gpu"), two model calls per step (one into sigma_next = 0, where
     x_next = D). With lambda = half_log_snr, h = lambda_next - lambda, an intermediate point at
     lambda_1 = lambda + r h (sigma_1 its sigma, alpha = sigma e^lambda), and ancestral splits of each
@@ -327,7 +334,7 @@ class DPMPPSDEStep:
         self.r = r
         self.rectified_flow = rectified_flow
 
-    def __call__(self, x, denoised, sigma, sigma_next, denoise):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         if sigma_next == 0:
             return denoised
         eta, s_noise, r = self.eta, self.s_noise, self.r
@@ -357,24 +364,22 @@ class DPMPPSDEStep:
         return x
 
 
-class LCMStep:
+class LCMStep(Step):
     """Latent consistency sampling ("lcm"): jump to the x0 estimate, then renoise it to sigma_next with
     the model's own noise scaling (x_next = a(sigma_next) D + b(sigma_next) noise); x_next = D at 0.
     noise_scaling(sigma, noise, latent) -> latent at sigma (ComfyUI: model_sampling.noise_scaling)."""
-
-    CALLS_PER_STEP = CALLS_TO_ZERO = 1
 
     def __init__(self, noise_sampler, noise_scaling):
         self.noise_sampler = noise_sampler
         self.noise_scaling = noise_scaling
 
-    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         if sigma_next > 0:
             return self.noise_scaling(sigma_next, self.noise_sampler(sigma, sigma_next), denoised)
         return denoised
 
 
-class ResMultistepStep:
+class ResMultistepStep(Step):
     """RES second-order multistep (Zhang et al. 2023, arXiv 2308.02157; "res_multistep", eta 0, and
     "res_multistep_ancestral"), t = -log(sigma), per-branch history (previous D, sigma_down, sigma):
 
@@ -387,8 +392,6 @@ class ResMultistepStep:
         x_next = x' + s_noise sigma_up noise(sigma, sigma_next)   (where sigma_up > 0)
     """
 
-    CALLS_PER_STEP = CALLS_TO_ZERO = 1
-
     def __init__(self, noise_sampler=None, eta=0.0, s_noise=1.0):
         if eta and noise_sampler is None:
             raise ValueError("res_multistep with eta > 0 adds noise: give it a noise_sampler")
@@ -397,7 +400,7 @@ class ResMultistepStep:
         self.s_noise = s_noise
         self.previous = None  # (D, sigma_down, sigma) of this branch's previous step
 
-    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next, self.eta)
         if sigma_down == 0 or self.previous is None:
             x = x + _derivative(x, denoised, sigma) * (sigma_down - sigma)
@@ -427,13 +430,13 @@ def _dpm_solver_2(x, d, sigma, sigma_to, denoise):
     return x + d_2 * (sigma_to - sigma)
 
 
-class DPM2Step:
+class DPM2Step(Step):
     """DPM-Solver-2 ("dpm_2", no churn): the log-midpoint step (_dpm_solver_2) to sigma_next, two model
     calls; a plain Euler step into sigma_next = 0."""
 
     CALLS_PER_STEP, CALLS_TO_ZERO = 2, 1
 
-    def __call__(self, x, denoised, sigma, sigma_next, denoise):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         d = _derivative(x, denoised, sigma)
         if sigma_next == 0:
             return x + d * (sigma_next - sigma)
@@ -446,7 +449,7 @@ class DPM2AncestralStep(AncestralStep):
 
     CALLS_PER_STEP, CALLS_TO_ZERO = 2, 1
 
-    def __call__(self, x, denoised, sigma, sigma_next, denoise):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next, self.eta)
         d = _derivative(x, denoised, sigma)
         if sigma_down == 0:
@@ -471,7 +474,7 @@ class DPM2AncestralRFStep(AncestralStep):
 
     CALLS_PER_STEP, CALLS_TO_ZERO = 2, 1
 
-    def __call__(self, x, denoised, sigma, sigma_next, denoise):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         sigma_down, signal_ratio, renoise = _flow_down_and_renoise(sigma, sigma_next, self.eta)
         d = _derivative(x, denoised, sigma)
         if sigma_down == 0:
@@ -490,7 +493,7 @@ class DPMPP2SAncestralStep(AncestralStep):
 
     CALLS_PER_STEP, CALLS_TO_ZERO = 2, 1
 
-    def __call__(self, x, denoised, sigma, sigma_next, denoise):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next, self.eta)
         if sigma_down == 0:
             x = x + _derivative(x, denoised, sigma) * (sigma_down - sigma)
@@ -517,7 +520,7 @@ class DPMPP2SAncestralRFStep(AncestralStep):
 
     CALLS_PER_STEP, CALLS_TO_ZERO = 2, 1
 
-    def __call__(self, x, denoised, sigma, sigma_next, denoise):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         sigma_down, signal_ratio, renoise = _flow_down_and_renoise(sigma, sigma_next, self.eta)
         if sigma_next == 0:
             return x + _derivative(x, denoised, sigma) * (sigma_down - sigma)
@@ -536,7 +539,7 @@ class DPMPP2SAncestralRFStep(AncestralStep):
         return x
 
 
-class DDPMStep:
+class DDPMStep(Step):
     """Ancestral DDPM ("ddpm"), in the VP form of an eps model (abar = 1/(1 + sigma^2), whatever the
     family, as ComfyUI does): alpha = abar / abar_next, X = x / sqrt(1 + sigma^2), eps = (x - D)/sigma,
 
@@ -545,12 +548,10 @@ class DDPMStep:
         x_next = mu sqrt(1 + sigma_next^2)   (x_next = mu at sigma_next = 0)
     """
 
-    CALLS_PER_STEP = CALLS_TO_ZERO = 1
-
     def __init__(self, noise_sampler):
         self.noise_sampler = noise_sampler
 
-    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         x_vp = x / torch.sqrt(1.0 + sigma**2.0)
         eps = (x - denoised) / sigma
         alpha_bar = 1 / ((sigma * sigma) + 1)
@@ -564,10 +565,8 @@ class DDPMStep:
         return mu
 
 
-class _DerivativeHistory:
+class _DerivativeHistory(Step):
     """The last max_order - 1 derivatives d = (x - D)/sigma (and sigmas) of this branch, oldest first."""
-
-    CALLS_PER_STEP = CALLS_TO_ZERO = 1
 
     def __init__(self, max_order):
         self.max_order = max_order
@@ -590,7 +589,7 @@ class IPNDMStep(_DerivativeHistory):
     def __init__(self, max_order=4):
         super().__init__(max_order)
 
-    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         d = (x - denoised) / sigma
         b = self.derivatives
         order = min(self.max_order, len(self.seen_sigmas) + 1)
@@ -617,7 +616,7 @@ class IPNDMVStep(_DerivativeHistory):
     def __init__(self, max_order=4):
         super().__init__(max_order)
 
-    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         d = (x - denoised) / sigma
         b, t = self.derivatives, self.seen_sigmas
         order = min(self.max_order, len(t) + 1)
@@ -663,7 +662,7 @@ class DEISStep(_DerivativeHistory):
         super().__init__(max_order)
         self.coefficients = coefficients
 
-    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         d = (x - denoised) / sigma
         i = len(self.seen_sigmas)
         order = 1 if sigma_next <= 0 else min(self.max_order, i + 1)
@@ -678,17 +677,15 @@ class DEISStep(_DerivativeHistory):
         return x_next
 
 
-class GradientEstimationStep:
+class GradientEstimationStep(Step):
     """Gradient estimation ("gradient_estimation", Permenter & Yuan): an Euler step plus, from the second
     step on, (ge_gamma - 1)(d - d_prev) dt with this branch's previous derivative; x_next = D at 0."""
-
-    CALLS_PER_STEP = CALLS_TO_ZERO = 1
 
     def __init__(self, ge_gamma=2.0):
         self.ge_gamma = ge_gamma
         self.previous_derivative = None
 
-    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         d = _derivative(x, denoised, sigma)
         dt = sigma_next - sigma
         if sigma_next == 0:
@@ -706,7 +703,7 @@ def er_sde_noise_scaler(value):
     return value * ((value**0.3).exp() + 10.0)
 
 
-class ERSDEStep:
+class ERSDEStep(Step):
     """Extended reverse-time SDE solver, VP ER-SDE-Solver-3 ("er_sde", Cui et al. 2023, arXiv
     2309.06169), in er_lambda = e^{-lambda} = b/a (lambda = half_log_snr), per-branch history of D and
     its first difference, stage min(max_stage, i + 1), 200-point quadrature of the scaler integrals:
@@ -720,7 +717,6 @@ class ERSDEStep:
     er_lambdas: e^{-half_log_snr} of the whole (offset) schedule, computed by the caller as one vector
     (ComfyUI: sigma_to_half_log_snr(sigmas, model_sampling).neg().exp()), indexed by step."""
 
-    CALLS_PER_STEP = CALLS_TO_ZERO = 1
     INTEGRATION_POINTS = 200.0
 
     def __init__(self, noise_sampler, er_lambdas, s_noise=1.0, max_stage=3, noise_scaler=er_sde_noise_scaler):
@@ -733,7 +729,7 @@ class ERSDEStep:
         self.previous_denoised = None
         self.previous_difference = None
 
-    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+    def advance(self, x, denoised, sigma, sigma_next, denoise):
         i, lambdas, scaler = self.step_index, self.er_lambdas, self.noise_scaler
         stage = min(self.max_stage, i + 1)
         if sigma_next == 0:

@@ -210,7 +210,7 @@ def test_model_calls_are_counted_and_match_the_per_sampler_formula(steps, n, s, 
     main_calls = (steps - 1) * per_step + to_zero
     aux_calls = (window + 1) * per_step - (per_step - to_zero) * (window == steps - 1)
     step_type = type(make_step(0))
-    assert result.model_calls == main_calls + (n - 1) * aux_calls == expected_model_calls(steps, n, s, step_type)
+    assert result.model_calls == main_calls + (n - 1) * aux_calls == expected_model_calls(steps, n, s, step_type.model_calls)
     assert sum(len(d.sigmas) for d in denoisers) == result.model_calls
     if per_step == 1:
         assert denoisers[0].sigmas == pytest.approx(sigmas[:-1].tolist(), rel=0, abs=0)
@@ -222,8 +222,8 @@ def test_model_calls_are_counted_and_match_the_per_sampler_formula(steps, n, s, 
 
 
 def test_expected_model_calls_without_a_final_zero_sigma():
-    assert expected_model_calls(10, 2, 3, HeunStep, ends_at_zero=False) == 20 + 8
-    assert expected_model_calls(10, 2, 20, HeunStep) == 19 + 19
+    assert expected_model_calls(torch.linspace(10, 1, 11), 2, 3, HeunStep.model_calls) == 20 + 8
+    assert expected_model_calls(10, 2, 20, HeunStep.model_calls) == 19 + 19
     assert expected_model_calls(10, 3, 20) == 30
 
 
