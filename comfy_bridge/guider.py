@@ -23,8 +23,10 @@ import torch
 
 from ..amdm_core import run_lockstep
 from .branches import PatcherSwitch, cond_models
-from .checks import AMDMInputError, branch_name, check_compatible, check_guider, check_no_hooks, check_run
+from .checks import (check_compatible, check_guider, check_mean_mode, check_no_hooks, check_run, ddpm_sigma_table,
+                     noise_space)
 from .sampler_plan import plan_sampler
+from .settings import AMDMInputError, branch_name, check_cfg
 
 ADDITIONAL_MODELS_KEY = "amdm_branches"
 
@@ -81,34 +83,48 @@ class _LockstepRun:
         branches = self.branches
         main = branches[0]
         sigmas = main.denoiser.sigmas
+        model_sampling = main.denoiser.inner_model.inner_model.model_sampling
         switch = PatcherSwitch([b.patcher for b in branches])
-        last_denoised = {}
+        step_denoised = {}  # each branch's x0 estimate at the start of its latest step
 
-        def denoiser(index, branch):
+        def denoiser(branch):
             def denoise(x, sigma):
                 switch.activate(branch.patcher)
-                last_denoised[index] = branch(x, sigma)
-                return last_denoised[index]
+                return branch(x, sigma)
             return denoise
+
+        def first_call(index, denoise):
+            def call(x, sigma):
+                step_denoised[index] = denoise(x, sigma)
+                return step_denoised[index]
+            return call
 
         def on_step(i, denoised, x_now):
             if main.callback is not None:
                 main.callback({"i": i, "denoised": denoised, "x": x_now, "sigma": sigmas[i], "sigma_hat": sigmas[i]})
 
-        model_sampling = main.denoiser.inner_model.inner_model.model_sampling
-        settings = self.settings
+        plan, settings = self.plan, self.settings
+        denoisers = [denoiser(b) for b in branches]
+        steps = [plan.make_step(k, b, sigmas, model_sampling, denoisers[k]) for k, b in enumerate(branches)]
+        # A slices step makes the step's first call itself (it runs the whole one-step slice there).
+        first_calls = [first_call(k, getattr(step, "denoise", denoisers[k])) for k, step in enumerate(steps)]
+        window = min(int(settings.aggregation_steps), sigmas.shape[-1] - 2)
         try:
             result = run_lockstep(
-                [denoiser(k, b) for k, b in enumerate(branches)], [b.x for b in branches], sigmas,
+                first_calls, [b.x for b in branches], plan.run_sigmas(sigmas, model_sampling),
                 aggregation_steps=settings.aggregation_steps, weights=list(settings.weights),
                 aggregation=settings.aggregation, deviation_steps=settings.deviation_step,
-                mean_mode=settings.mean_mode, sigma_table=model_sampling.sigmas,
-                make_step=lambda k: self.plan.make_step(k, branches[k]), callback=on_step,
-                check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
+                mean_mode=settings.mean_mode, sigma_table=ddpm_sigma_table(model_sampling),
+                space=noise_space(model_sampling), make_step=lambda k: steps[k], callback=on_step,
+                check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+                stop_after_window=plan.exact is None)
+            latents = list(result.branch_latents)
+            if plan.exact is None and window + 1 < sigmas.shape[-1] - 1:
+                latents[0] = plan.finish_main(main, latents[0], sigmas, window, main.callback, denoisers[0])
         finally:
             switch.activate(main.patcher)  # the main branch's patches live again, as after its own run
-        self.aux_denoised = [last_denoised[k] for k in range(1, len(branches)) if k in last_denoised]
-        return result.branch_latents
+        self.aux_denoised = [step_denoised[k] for k in range(1, len(branches))]
+        return latents
 
 
 class BranchCapture(comfy.samplers.KSAMPLER):
@@ -169,9 +185,10 @@ class AMDMGuider(comfy.samplers.CFGGuider):
                seed=None):
         if sigmas.shape[-1] == 0:
             return latent_image
-        check_run(sigmas, latent_image, self.model_patcher.get_model_object("latent_format"),
-                  self.settings.aggregation_steps)
-        plan = plan_sampler(sampler, self.settings)
+        check_run(sigmas, latent_image, self.model_patcher.get_model_object("model_sampling"),
+                  self.model_patcher.get_model_object("latent_format"), self.settings.aggregation_steps)
+        plan = plan_sampler(sampler)
+        check_mean_mode(self.settings.mean_mode, self.model_patcher.get_model_object("model_sampling"))
         aux_noise, aux_seeds = self._aux_noise(noise, latent_image, seed)
         if self.settings.is_no_op:
             return self._sample_main_alone(noise, latent_image, sampler, sigmas, denoise_mask, callback,
@@ -240,6 +257,7 @@ def aggregate_sample(branches, latent, seed, steps, sampler_name, scheduler, den
     for index, (model, positive, negative, cfg) in enumerate(branches):
         if model is None or positive is None or negative is None:
             raise AMDMInputError(f"{branch_name(index)} needs a model, a positive and a negative conditioning")
+        cfg = check_cfg(cfg, f"the cfg of {branch_name(index)}")
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)

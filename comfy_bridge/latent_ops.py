@@ -4,7 +4,8 @@ model's sigma-space latent x (= process_latent_in of the LATENT), as in the samp
 import torch
 
 from ..amdm_core import deviation_correct, from_vp, reference_mean, slerp, timestep_of_sigma, to_vp
-from .checks import AMDMInputError, check_model_sampling
+from .checks import check_mean_mode, ddpm_sigma_table, noise_space
+from .settings import LATENT_MEAN_MODES, AMDMInputError, check_choice, check_deviation_step, check_weight
 
 
 def _samples(latent, name):
@@ -19,8 +20,7 @@ def _samples(latent, name):
 def slerp_latent_merge(latent_a, latent_b, weight):
     """slerp(a, b; weight) per batch item (weight 0 -> a, 1 -> b). A batch of 1 is used for every item of
     the other input; any other difference in shape is an error (never a silent resize)."""
-    if not 0.0 <= float(weight) <= 1.0:
-        raise AMDMInputError(f"Slerp Latent Merge: weight {weight} is outside [0, 1] (0 gives latent a, 1 latent b)")
+    weight = check_weight(weight, "Slerp Latent Merge: weight")
     a, b = _samples(latent_a, "latent_a"), _samples(latent_b, "latent_b")
     if a.shape[1:] != b.shape[1:]:
         raise AMDMInputError(
@@ -49,11 +49,11 @@ def deviation_correct_latent(model, merged, branch_in, branch_out, sigmas, step,
     previous step, recovered from its input/output of that step (DDIM/Euler: E = (out - in) / (sigma_i -
     sigma_{i-1})) and tau its timestep. No model call either way.
     """
-    check_model_sampling(model, 0)
-    if mean_mode not in ("exact", "reference"):
-        raise AMDMInputError(f"Deviation Correct: unknown mean_mode {mean_mode!r}; choose exact or reference")
-    if not float(deviation_step) >= 0.0:
-        raise AMDMInputError(f"Deviation Correct: deviation_step must be >= 0, got {deviation_step}")
+    model_sampling = model.get_model_object("model_sampling")
+    check_choice(mean_mode, LATENT_MEAN_MODES, "Deviation Correct: mean_mode")
+    check_mean_mode(mean_mode, model_sampling)
+    deviation_step = check_deviation_step(deviation_step, "Deviation Correct: deviation_step")
+    space = noise_space(model_sampling)
     sigmas = sigmas.detach().float().cpu()
     total = sigmas.shape[0] - 1
     if not 0 <= int(step) < total:
@@ -80,13 +80,14 @@ def deviation_correct_latent(model, merged, branch_in, branch_out, sigmas, step,
         x[name] = base.process_latent_in(samples.float())
     sigma, sigma_next = sigmas[step], sigmas[step + 1]
     if mean_mode == "exact":
-        mu = to_vp(x["branch_out"], sigma_next)
+        mu = to_vp(x["branch_out"], sigma_next, space)
     else:
         sigma_prev = sigmas[step - 1]
         eps_prev = (x["previous_out"] - x["previous_in"]) / (sigma - sigma_prev)
-        table = model.get_model_object("model_sampling").sigmas.detach().float().cpu()
-        mu = reference_mean(to_vp(x["branch_in"], sigma), eps_prev, timestep_of_sigma(sigma_prev, table), table)
-    corrected = from_vp(deviation_correct(to_vp(x["merged"], sigma_next), mu, float(deviation_step)), sigma_next)
+        table = ddpm_sigma_table(model_sampling).detach().float().cpu()
+        mu = reference_mean(to_vp(x["branch_in"], sigma, space), eps_prev, timestep_of_sigma(sigma_prev, table), table)
+    corrected = from_vp(deviation_correct(to_vp(x["merged"], sigma_next, space), mu, deviation_step), sigma_next,
+                        space)
     out = merged.copy()
     out["samples"] = base.process_latent_out(corrected).to(merged["samples"].dtype)
     return out

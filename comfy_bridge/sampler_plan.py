@@ -1,17 +1,25 @@
-"""Which amdm_core step reproduces the user's SAMPLER branch by branch (docs/nodes.md, "Samplers").
+"""How each branch is stepped for the user's SAMPLER (docs/nodes.md, "Samplers").
 
-A SAMPLER is recognised by its k-diffusion sampler function; its name as the user chose it comes from
-ComfyUI's own sampler list, so a refusal names `uni_pc`, not `sample_unipc`.
+Two ways, decided before any model call:
+- exact: an amdm_core step object reproduces the sampler's per-branch state (noise stream, multistep
+  history) bit for bit; the main branch continues with it after the window.
+- slices: any other sampler is run by ComfyUI's own sampler function over one-step sigma slices in the
+  window (its multistep history restarts every window step; SDE noise comes from one seeded stream per
+  branch), and the main branch then continues with the user's sampler over the remaining sigmas.
+Adaptive-step samplers (dpm_fast, dpm_adaptive) are refused. A SAMPLER is recognised by its sampler
+function; refusals name it as the user chose it (KSampler's list: `uni_pc`, not `sample_unipc`).
 """
 import functools
+import inspect
 
+import comfy.model_sampling
 import comfy.samplers
 from comfy.k_diffusion import sampling as k_sampling
 
-from ..amdm_core import AncestralStep, DPMPP2MStep, EulerStep
+from .. import amdm_core
 from .checks import AMDMInputError
 
-EXACT_SAMPLERS = ("ddim", "euler", "euler_ancestral", "dpmpp_2m")
+ADAPTIVE_SAMPLERS = ("dpm_fast", "dpm_adaptive")
 
 
 @functools.lru_cache(maxsize=1)
@@ -19,16 +27,18 @@ def _names_by_function():
     """{sampler function's qualified name: the KSampler name a user picks}, from ComfyUI's own list."""
     names = {}
     for name in comfy.samplers.KSampler.SAMPLERS:
-        try:
-            function = comfy.samplers.sampler_object(name).sampler_function
-        except Exception:  # a sampler whose optional dependency is missing: it cannot be the user's either
-            continue
-        names.setdefault(_function_key(function), name)
+        names.setdefault(_function_key(comfy.samplers.sampler_object(name).sampler_function), name)
     return names
 
 
 def _function_key(function):
     return getattr(function, "__module__", ""), getattr(function, "__qualname__", repr(function))
+
+
+def exact_sampler_names():
+    """The KSampler names reproduced exactly per branch ("ddim" is euler on the ddim path)."""
+    return [name for name in comfy.samplers.KSampler.SAMPLERS
+            if getattr(comfy.samplers.sampler_object(name).sampler_function, "__name__", None) in EXACT]
 
 
 def sampler_display_name(sampler):
@@ -39,42 +49,197 @@ def sampler_display_name(sampler):
     return _names_by_function().get(_function_key(function), getattr(function, "__name__", type(sampler).__name__))
 
 
-class SamplerPlan:
-    """How each branch is stepped: make_step(k, branch) -> the amdm_core step object of branch k."""
+def _noise_scale(model_sampling):
+    """The model's noise multiplier for SDE samplers (ComfyUI 0.33 reads `noise_scale`; absent means 1)."""
+    return getattr(model_sampling, "noise_scale", 1.0)
 
-    def __init__(self, kind, options):
-        self.kind = kind
+
+def _brownian(cpu):
+    """A BrownianTreeNoiseSampler over the branch's whole schedule, seeded with its seed, as the SDE
+    samplers build one (sigmas as the run gave them, before any first-sigma offset)."""
+    def build(branch, sigmas):
+        positive = sigmas[sigmas > 0]
+        return k_sampling.BrownianTreeNoiseSampler(branch.x, positive.min(), sigmas.max(),
+                                                   seed=branch.extra_args.get("seed"), cpu=cpu)
+    return build
+
+
+def _gaussian(branch, sigmas):
+    return k_sampling.default_noise_sampler(branch.x, seed=branch.extra_args.get("seed"))
+
+
+class _Exact:
+    """One exact sampler: which options it takes (any other option sends the SAMPLER down the slices
+    path rather than being ignored), how its noise is drawn and how its step is built."""
+
+    def __init__(self, build, options=(), noise=None, offsets_first_sigma=False):
+        self.build = build
+        self.options = frozenset(options) | ({"noise_sampler"} if noise else frozenset())
+        self.noise = noise
+        self.offsets_first_sigma = offsets_first_sigma
+
+
+def _sde(step_class, **fixed):
+    def build(options, ms, noise_sampler):
+        return step_class(noise_sampler, eta=options.get("eta", 1.0),
+                          s_noise=options.get("s_noise", 1.0) * _noise_scale(ms),
+                          rectified_flow=isinstance(ms, comfy.model_sampling.CONST),
+                          **{**fixed, **{k: options[k] for k in fixed if k in options}})
+    return build
+
+
+def _ancestral(options, ms, noise_sampler):
+    eta, s_noise = options.get("eta", 1.0), options.get("s_noise", 1.0)
+    if isinstance(ms, comfy.model_sampling.CONST):
+        return amdm_core.AncestralRFStep(noise_sampler, eta=eta, s_noise=s_noise * _noise_scale(ms))
+    return amdm_core.AncestralStep(noise_sampler, eta=eta, s_noise=s_noise)
+
+
+def _res_multistep(eta):
+    def build(options, ms, noise_sampler):
+        return amdm_core.ResMultistepStep(noise_sampler, eta=options.get("eta", eta),
+                                          s_noise=options.get("s_noise", 1.0) * _noise_scale(ms))
+    return build
+
+
+# Keyed by the sampler function's name in comfy.k_diffusion.sampling ("ddim" is sample_euler).
+EXACT = {
+    "sample_euler": _Exact(lambda o, ms, ns: amdm_core.EulerStep(), options={"s_churn", "s_tmin", "s_tmax", "s_noise"}),
+    "sample_euler_ancestral": _Exact(_ancestral, options={"eta", "s_noise"}, noise=_gaussian),
+    "sample_heun": _Exact(lambda o, ms, ns: amdm_core.HeunStep(), options={"s_churn", "s_tmin", "s_tmax", "s_noise"}),
+    "sample_lms": _Exact(lambda o, ms, ns: amdm_core.LMSStep(order=o.get("order", 4),
+                                                              coefficient=k_sampling.linear_multistep_coeff),
+                         options={"order"}),
+    "sample_dpmpp_2m": _Exact(lambda o, ms, ns: amdm_core.DPMPP2MStep()),
+    "sample_dpmpp_sde": _Exact(_sde(amdm_core.DPMPPSDEStep, r=1 / 2), options={"eta", "s_noise", "r"},
+                               noise=_brownian(cpu=True), offsets_first_sigma=True),
+    "sample_dpmpp_sde_gpu": _Exact(_sde(amdm_core.DPMPPSDEStep, r=1 / 2), options={"eta", "s_noise", "r"},
+                                   noise=_brownian(cpu=False), offsets_first_sigma=True),
+    "sample_dpmpp_2m_sde": _Exact(_sde(amdm_core.DPMPP2MSDEStep, solver_type="midpoint"),
+                                  options={"eta", "s_noise", "solver_type"}, noise=_brownian(cpu=True),
+                                  offsets_first_sigma=True),
+    "sample_dpmpp_2m_sde_gpu": _Exact(_sde(amdm_core.DPMPP2MSDEStep, solver_type="midpoint"),
+                                      options={"eta", "s_noise", "solver_type"}, noise=_brownian(cpu=False),
+                                      offsets_first_sigma=True),
+    "sample_dpmpp_2m_sde_heun": _Exact(_sde(amdm_core.DPMPP2MSDEStep, solver_type="heun"),
+                                       options={"eta", "s_noise", "solver_type"}, noise=_brownian(cpu=True),
+                                       offsets_first_sigma=True),
+    "sample_dpmpp_2m_sde_heun_gpu": _Exact(_sde(amdm_core.DPMPP2MSDEStep, solver_type="heun"),
+                                           options={"eta", "s_noise", "solver_type"}, noise=_brownian(cpu=False),
+                                           offsets_first_sigma=True),
+    "sample_dpmpp_3m_sde": _Exact(_sde(amdm_core.DPMPP3MSDEStep), options={"eta", "s_noise"},
+                                  noise=_brownian(cpu=True), offsets_first_sigma=True),
+    "sample_dpmpp_3m_sde_gpu": _Exact(_sde(amdm_core.DPMPP3MSDEStep), options={"eta", "s_noise"},
+                                      noise=_brownian(cpu=False), offsets_first_sigma=True),
+    "sample_lcm": _Exact(lambda o, ms, ns: amdm_core.LCMStep(ns, ms.noise_scaling), noise=_gaussian),
+    "sample_res_multistep": _Exact(_res_multistep(0.0), options={"s_noise"}),
+    "sample_res_multistep_ancestral": _Exact(_res_multistep(1.0), options={"eta", "s_noise"}, noise=_gaussian),
+}
+# Options with which a sampler is no longer the one reproduced (they change its formula).
+_INEXACT_WHEN = {"sample_euler": lambda o: float(o.get("s_churn", 0.0)) > 0.0,
+                 "sample_heun": lambda o: float(o.get("s_churn", 0.0)) > 0.0}
+
+
+class _SliceProxy:
+    """The branch denoiser as a sampler function sees it (attributes such as inner_model pass through);
+    counts the calls of the current slice."""
+
+    def __init__(self, branch_denoise, denoiser):
+        self._denoise = branch_denoise
+        self._denoiser = denoiser
+        self.first = None
+
+    def __getattr__(self, name):
+        return getattr(self._denoiser, name)
+
+    def __call__(self, x, sigma, **extra_args):
+        denoised = self._denoise(x, sigma)
+        if self.first is None:
+            self.first = denoised
+        return denoised
+
+
+class SliceStep:
+    """ComfyUI's own sampler function over [sigma, sigma_next] as one amdm_core step. It makes every model
+    call itself (the loop's first call is this slice: see `denoise`), so samplers that hook their own
+    calls (cfg_pp) work; `denoise` returns the slice's first x0 estimate, `__call__` the slice's result."""
+
+    CALLS_PER_STEP = CALLS_TO_ZERO = None  # the sampler's own count; see the docs' table
+
+    def __init__(self, function, options, branch, sigmas, branch_denoise):
+        self.function = function
         self.options = options
+        self.branch = branch
+        self.sigmas = sigmas
+        self.branch_denoise = branch_denoise
+        self.result = None
 
-    def make_step(self, index, branch):
-        if self.kind == "euler":
-            return EulerStep()
-        if self.kind == "dpmpp_2m":
-            return DPMPP2MStep()
-        # Exactly what sample_euler_ancestral builds: the SAMPLER's own noise sampler, else one seeded from
-        # the branch's seed; aux branches get their own stream (never the main branch's object).
-        noise_sampler = self.options.get("noise_sampler") if index == 0 else None
-        noise_sampler = noise_sampler or k_sampling.default_noise_sampler(branch.x, seed=branch.extra_args.get("seed"))
-        return AncestralStep(noise_sampler, eta=self.options.get("eta", 1.0), s_noise=self.options.get("s_noise", 1.0))
+    def denoise(self, x, sigma):
+        index = int((self.sigmas == sigma.reshape(-1)[0]).nonzero()[0])
+        proxy = _SliceProxy(self.branch_denoise, self.branch.denoiser)
+        self.result = self.function(proxy, x, self.sigmas[index:index + 2], extra_args=self.branch.extra_args,
+                                    callback=None, disable=True, **self.options)
+        return proxy.first
+
+    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
+        return self.result
 
 
-def plan_sampler(sampler, settings):
+class SamplerPlan:
+    """The user's SAMPLER resolved for one run."""
+
+    def __init__(self, sampler, function, options, exact):
+        self.sampler = sampler
+        self.function = function
+        self.options = options
+        self.exact = exact
+        self.name = sampler_display_name(sampler)
+
+    def run_sigmas(self, sigmas, model_sampling):
+        """The sigmas the steps see: the SDE samplers move a rectified-flow first sigma of 1 off the
+        singular log-SNR, as their ComfyUI functions do."""
+        if self.exact is not None and self.exact.offsets_first_sigma:
+            return k_sampling.offset_first_sigma_for_snr(sigmas, model_sampling)
+        return sigmas
+
+    def make_step(self, index, branch, sigmas, model_sampling, branch_denoise):
+        """Branch `index`'s step object (the main branch keeps a noise sampler the SAMPLER carries)."""
+        options = dict(self.options)
+        own_noise = options.pop("noise_sampler", None) if index == 0 else None
+        options.pop("noise_sampler", None)
+        if self.exact is None:
+            if "noise_sampler" in inspect.signature(self.function).parameters:
+                options["noise_sampler"] = own_noise or _gaussian(branch, sigmas)
+            return SliceStep(self.function, options, branch, sigmas, branch_denoise)
+        noise_sampler = own_noise or (self.exact.noise(branch, sigmas) if self.exact.noise else None)
+        return self.exact.build(options, model_sampling, noise_sampler)
+
+    def finish_main(self, branch, x, sigmas, window, callback, branch_denoise):
+        """Slices path: the main branch after the window, by the user's sampler over sigmas[window + 1:]."""
+        def shifted(step):
+            if callback is not None:
+                callback({**step, "i": step["i"] + window + 1})
+
+        proxy = _SliceProxy(branch_denoise, branch.denoiser)
+        return self.function(proxy, x, sigmas[window + 1:], extra_args=branch.extra_args, callback=shifted,
+                             disable=True, **self.options)
+
+
+def plan_sampler(sampler):
     """The plan for `sampler`, or an AMDMInputError naming it, before any model call."""
     if not isinstance(sampler, comfy.samplers.KSAMPLER):
         raise AMDMInputError(
             f"the SAMPLER {sampler_display_name(sampler)!r} is not a k-diffusion sampler (KSAMPLER); AMDM steps "
             "every branch one step at a time and needs one")
+    name = sampler_display_name(sampler)
+    if name in ADAPTIVE_SAMPLERS:
+        raise AMDMInputError(
+            f"sampler {name!r} chooses its own step sizes, so its branches cannot step in lockstep on one "
+            "sigma schedule; pick a fixed-step sampler (e.g. dpmpp_2m or euler)")
     function = sampler.sampler_function
     options = dict(sampler.extra_options or {})
-    if function is k_sampling.sample_euler:
-        if float(options.get("s_churn", 0.0)) > 0.0:
-            raise AMDMInputError("euler with s_churn > 0 adds unseeded noise and is not supported by AMDM; "
-                                 "use s_churn 0 or euler_ancestral")
-        return SamplerPlan("euler", options)
-    if function is k_sampling.sample_euler_ancestral:
-        return SamplerPlan("euler_ancestral", options)
-    if function is k_sampling.sample_dpmpp_2m:
-        return SamplerPlan("dpmpp_2m", options)
-    raise AMDMInputError(
-        f"sampler {sampler_display_name(sampler)!r} cannot be stepped branch by branch by AMDM yet; supported "
-        f"samplers: {', '.join(EXACT_SAMPLERS)}")
+    key = getattr(function, "__name__", "") if getattr(k_sampling, getattr(function, "__name__", ""), None) is function else None
+    exact = EXACT.get(key)
+    if exact is not None and (set(options) - exact.options or _INEXACT_WHEN.get(key, lambda o: False)(options)):
+        exact = None
+    return SamplerPlan(sampler, function, options, exact)

@@ -126,3 +126,77 @@ def write_tiny_checkpoint(path, seed=0):
         safetensors.torch.save_file(tiny_checkpoint_state_dict(seed), tmp)
         os.replace(tmp, path)
     return path
+
+
+# --- other families, built from ComfyUI's own model configs ------------------------------------------
+
+TINY_FAMILIES = ("sd15", "sd15_v", "sdxl", "sd3", "flux")
+
+
+def _family_unet_config(family):
+    if family == "sdxl":
+        return {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+                "legacy": False, "adm_in_channels": 2816, "num_classes": "sequential", "in_channels": 4,
+                "model_channels": 32,
+                "num_res_blocks": [1, 1, 1], "transformer_depth": [0, 1, 1], "transformer_depth_output": [0, 0, 1, 1, 1, 1],
+                "channel_mult": [1, 2, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": True,
+                "context_dim": 2048, "num_heads": -1, "num_head_channels": 32, "use_temporal_resblock": False,
+                "use_temporal_attention": False}
+    if family == "sd3":  # MMDiT: hidden size 64 * depth
+        return {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 1, "adm_in_channels": 2048,
+                "context_embedder_config": {"target": "torch.nn.Linear",
+                                            "params": {"in_features": 4096, "out_features": 64}},
+                "pos_embed_max_size": 16, "num_patches": 256, "pos_embed_scaling_factor": None, "qk_norm": None,
+                "x_block_self_attn_layers": []}
+    if family == "flux":
+        from comfy.ldm.flux.model import FluxParams
+
+        config = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
+                  "context_in_dim": 4096, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
+                  "depth_single_blocks": 1, "axes_dim": [4, 14, 14], "theta": 10000, "patch_size": 2,
+                  "qkv_bias": True, "guidance_embed": True}
+        if "txt_ids_dims" in FluxParams.__dataclass_fields__:  # newer ComfyUI: Flux.1 has none
+            config["txt_ids_dims"] = []
+        return config
+    raise ValueError(f"unknown tiny family {family!r}; choose one of {TINY_FAMILIES}")
+
+
+def tiny_family_patcher(family, seed=0):
+    """A tiny seeded ModelPatcher of `family` (TINY_FAMILIES) built from ComfyUI's own model config:
+    "sd15" the SD1.5 topology, "sd15_v" the same patched to v-prediction by ComfyUI's ModelSamplingDiscrete
+    node, "sdxl" / "sd3" (MMDiT, rectified flow) / "flux" (rectified flow) with shrunken widths."""
+    if family in ("sd15", "sd15_v"):
+        patcher = tiny_model_patcher(seed)
+        if family == "sd15_v":
+            from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+            node = ModelSamplingDiscrete()
+            patcher = getattr(node, node.FUNCTION)(patcher, "v_prediction", False)[0]
+        return patcher
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models as supported
+
+    config_cls = {"sdxl": supported.SDXL, "sd3": supported.SD3, "flux": supported.Flux}[family]
+    model_config = config_cls(_family_unet_config(family))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    init_weights_(model.diffusion_model, seed)
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def family_conditioning(family, seed, batch=1):
+    """A CONDITIONING of the shapes `family`'s text encoders give (random, seeded; no text encoder)."""
+    gen = torch.Generator().manual_seed(seed)
+    if family in ("sd15", "sd15_v"):
+        return [[torch.randn(batch, 77, 768, generator=gen), {}]]
+    if family == "sdxl":
+        return [[torch.randn(batch, 77, 2048, generator=gen),
+                 {"pooled_output": torch.randn(batch, 1280, generator=gen), "width": 64, "height": 64}]]
+    if family == "sd3":
+        return [[torch.randn(batch, 16, 4096, generator=gen), {"pooled_output": torch.randn(batch, 2048, generator=gen)}]]
+    if family == "flux":
+        return [[torch.randn(batch, 16, 4096, generator=gen),
+                 {"pooled_output": torch.randn(batch, 768, generator=gen), "guidance": 3.5}]]
+    raise ValueError(f"unknown tiny family {family!r}; choose one of {TINY_FAMILIES}")

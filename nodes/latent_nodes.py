@@ -1,6 +1,7 @@
 """Slerp Latent Merge and Deviation Correct: AMDM's two latent operations as nodes, for building AMDM by
 hand with KSamplerAdvanced. Declarations only; the work is in comfy_bridge.latent_ops."""
 from ..comfy_bridge.latent_ops import deviation_correct_latent, slerp_latent_merge
+from .inputs import deviation_step_input, latent_mean_mode_input, weight_input
 
 CATEGORY = "latent/amdm"
 
@@ -11,8 +12,7 @@ class AMDMSlerpLatentMerge:
         return {"required": {
             "latent_a": ("LATENT", {"tooltip": "The first latent (e.g. the main branch's)."}),
             "latent_b": ("LATENT", {"tooltip": "The second latent; same shape, or batch 1 to broadcast."}),
-            "weight": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
-                                 "tooltip": "Weight of latent_b: 0 returns latent_a, 1 latent_b."}),
+            "weight": weight_input(0.5, "Weight of latent_b: 0 returns latent_a, 1 latent_b."),
         }}
 
     RETURN_TYPES = ("LATENT",)
@@ -37,11 +37,8 @@ class AMDMDeviationCorrect:
                 "sigmas": ("SIGMAS", {"tooltip": "The run's sigmas (BasicScheduler with the same steps/scheduler)."}),
                 "step": ("INT", {"default": 1, "min": 0, "max": 10000,
                                  "tooltip": "Index of the step just run (KSamplerAdvanced start_at_step)."}),
-                "deviation_step": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 10.0, "step": 0.01,
-                                             "tooltip": "p: distance (VP latent units) moved back toward the branch."}),
-                "mean_mode": (["exact", "reference"], {"default": "exact", "tooltip":
-                              "exact: mean = branch_out; reference: the reference code's mean, which needs the "
-                              "previous step's previous_in / previous_out too."}),
+                "deviation_step": deviation_step_input("p: distance (VP latent units) moved back toward the branch."),
+                "mean_mode": latent_mean_mode_input(),
             },
             "optional": {
                 "previous_in": ("LATENT", {"tooltip": "reference mode: the branch's latent that entered step - 1."}),

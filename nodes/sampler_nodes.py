@@ -2,10 +2,9 @@
 the work is in comfy_bridge.guider. Input names and order are part of saved workflows: do not reorder."""
 import comfy.samplers
 
-from ..amdm_core import AGGREGATION_MODES, MEAN_MODES
-from ..comfy_bridge.checks import NOISE_MODES, AggregationSettings
 from ..comfy_bridge.guider import AMDMGuider, aggregate_sample
-from ..comfy_bridge.sampler_plan import EXACT_SAMPLERS
+from ..comfy_bridge.settings import AggregationSettings
+from .inputs import aggregation_inputs, sampler_tooltip, weight_input
 
 CATEGORY = "sampling/amdm"
 AUX_BRANCHES = (2, 3, 4)  # branch 2 is required, 3 and 4 optional
@@ -13,36 +12,14 @@ DEFAULT_WEIGHTS = {2: 0.5, 3: 0.6, 4: 0.5}  # reference UI: w1 = 0.5, w2 = 0.6 (
 
 
 def _weight_input(branch):
-    return ("FLOAT", {"default": DEFAULT_WEIGHTS[branch], "min": 0.0, "max": 1.0, "step": 0.01,
-                      "tooltip": f"Slerp weight of branch {branch} (0 keeps the main latent, 1 takes branch "
-                                 f"{branch}'s). "
-                                 "In 'paper' mode with 3 branches weight_2 weighs the main branch inside the first "
-                                 "pair and weight_3 is also the outer weight (the reference code's formula)."})
+    return weight_input(DEFAULT_WEIGHTS[branch], f"Slerp weight of branch {branch} (0 keeps the main latent, 1 takes "
+                        f"branch {branch}'s). In 'paper' mode with 3 branches weight_2 weighs the main branch inside "
+                        "the first pair and weight_3 is also the outer weight (the reference code's formula).")
 
 
 def _cfg_input(branch):
     return ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                       "tooltip": f"CFG scale of branch {branch}."})
-
-
-def _aggregation_inputs():
-    return {
-        "aggregation_steps": ("INT", {"default": 10, "min": 0, "max": 10000, "tooltip":
-                                      "s: steps 1..s merge every branch (aux branches run steps 0..s, then stop). "
-                                      "Must be smaller than the number of steps; 0 = the main branch alone."}),
-        "aggregation": (list(AGGREGATION_MODES), {"default": "paper", "tooltip":
-                        "sequential: slerp the aux latents in one by one; paper: the reference code's nested "
-                        "formula (2 or 3 branches); linear: plain weighted average (ablation only)."}),
-        "deviation_step": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
-                                     "p: after each merge every branch steps this far (VP latent units) back toward "
-                                     "its own mean (the paper's deviation optimization; 0 disables it)."}),
-        "mean_mode": (list(MEAN_MODES), {"default": "reference", "tooltip":
-                      "reference: the reference code's one-step posterior mean from the previous eps; exact: the "
-                      "branch's own deterministic step result."}),
-        "noise": (list(NOISE_MODES), {"default": "independent", "tooltip":
-                  "independent: aux branch k starts from the noise of seed + k-1 (branch 2: seed + 1); shared: every "
-                  "branch starts from the main noise."}),
-    }
 
 
 def _settings(aggregation_steps, weights, aggregation, deviation_step, mean_mode, noise):
@@ -67,15 +44,15 @@ class AMDMAggregateSampler:
             "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                               "tooltip": "CFG scale of the main branch."}),
             "cfg_2": _cfg_input(2),
-            "sampler_name": (list(EXACT_SAMPLERS), {"default": "ddim", "tooltip":
-                             "Samplers AMDM can step branch by branch exactly (ddim = DDIM eta 0, the paper's)."}),
+            "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "ddim", "tooltip":
+                             "ddim = DDIM eta 0, the paper's. " + sampler_tooltip()}),
             "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "ddim_uniform", "tooltip":
                           "Noise schedule (ddim_uniform = the paper's DDIM timesteps)."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                                   "Fraction of the schedule to run (below 1 for img2img), as in KSampler."}),
             "weight_2": _weight_input(2),
         }
-        required.update(_aggregation_inputs())
+        required.update(aggregation_inputs())
         optional = {}
         for branch in AUX_BRANCHES[1:]:
             optional.update({f"model_{branch}": ("MODEL", {"tooltip": f"Aux branch {branch}'s model."}),
@@ -115,7 +92,7 @@ class AMDMGuiderNode:
         required = {"guider": ("GUIDER", {"tooltip": "The main branch (any GUIDER: CFGGuider, DualCFGGuider, ...)."}),
                     "guider_2": ("GUIDER", {"tooltip": "Aux branch 2."}),
                     "weight_2": _weight_input(2)}
-        required.update(_aggregation_inputs())
+        required.update(aggregation_inputs())
         optional = {}
         for branch in AUX_BRANCHES[1:]:
             optional.update({f"guider_{branch}": ("GUIDER", {"tooltip": f"Aux branch {branch}."}),
@@ -125,8 +102,9 @@ class AMDMGuiderNode:
     RETURN_TYPES = ("GUIDER",)
     FUNCTION = "get_guider"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("AMDM as a GUIDER for SamplerCustomAdvanced: the wired SAMPLER (ddim/euler, euler_ancestral or "
-                   "dpmpp_2m) steps every branch; the main branch finishes alone after step s.")
+    DESCRIPTION = ("AMDM as a GUIDER for SamplerCustomAdvanced: every branch is any GUIDER, run with its own "
+                   "semantics; the wired SAMPLER steps every branch; the main branch finishes alone after step s. "
+                   + sampler_tooltip())
 
     def get_guider(self, guider, guider_2, weight_2, aggregation_steps, aggregation, deviation_step, mean_mode, noise,
                    **optional):

@@ -60,7 +60,7 @@ def test_slerp_merge_rejects_mismatches_without_touching_inputs(merge_node):
         merge_node.merge({"samples": a}, {"samples": b}, 0.5)
     with pytest.raises(ValueError, match="batch sizes 2 and 3 differ"):
         merge_node.merge({"samples": randn(2, 4, 8, 8)}, {"samples": randn(3, 4, 8, 8)}, 0.5)
-    with pytest.raises(ValueError, match=r"weight 1.5 is outside \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"weight is 1.5; weights must lie in \[0, 1\]"):
         merge_node.merge({"samples": a}, {"samples": a}, 1.5)
     with pytest.raises(ValueError, match="not a LATENT"):
         merge_node.merge({"samples": a}, {"latent": a}, 0.5)

@@ -277,9 +277,14 @@ def test_guider_keeps_the_wired_samplers_settings_and_refuses_unsupported_ones(c
                              empty_latent())
     assert torch.isfinite(merged).all() and (merged - stock).abs().max() > 1e-3
 
-    lms = nodes["KSamplerSelect"].execute("lms").result[0]
-    with pytest.raises(ValueError, match="'lms'.*supported samplers: ddim, euler, euler_ancestral, dpmpp_2m"):
-        custom_advanced(comfy, guider_node(pack, main_guider, [aux_guider]), lms, sigmas, 2, empty_latent())
+    lms = nodes["SamplerLMS"].execute(3).result[0]
+    stock_lms = custom_advanced(comfy, main_guider, lms, sigmas, 2, empty_latent())
+    alone_lms = custom_advanced(comfy, guider_node(pack, main_guider, [aux_guider], s=0), lms, sigmas, 2,
+                                empty_latent())
+    assert torch.equal(alone_lms, stock_lms), "s = 0 with SamplerLMS(order 3) differs from the sampler alone"
+    adaptive = nodes["KSamplerSelect"].execute("dpm_adaptive").result[0]
+    with pytest.raises(ValueError, match="sampler 'dpm_adaptive' chooses its own step sizes"):
+        custom_advanced(comfy, guider_node(pack, main_guider, [aux_guider]), adaptive, sigmas, 2, empty_latent())
 
 
 # --- masks, batches, progress and previews ------------------------------------------------------------
