@@ -93,11 +93,11 @@ class _LockstepRun:
                 return branch(x, sigma)
             return denoise
 
-        def first_call(index, denoise):
-            def call(x, sigma):
-                step_denoised[index] = denoise(x, sigma)
-                return step_denoised[index]
-            return call
+        def recorded(index, step):
+            def run_step(x, denoise, sigma, sigma_next):
+                x_next, step_denoised[index] = step(x, denoise, sigma, sigma_next)
+                return x_next, step_denoised[index]
+            return run_step
 
         def on_step(i, denoised, x_now):
             if main.callback is not None:
@@ -105,13 +105,11 @@ class _LockstepRun:
 
         plan, settings = self.plan, self.settings
         denoisers = [denoiser(b) for b in branches]
-        steps = [plan.make_step(k, b, sigmas, model_sampling, denoisers[k]) for k, b in enumerate(branches)]
-        # A slices step makes the step's first call itself (it runs the whole one-step slice there).
-        first_calls = [first_call(k, getattr(step, "denoise", denoisers[k])) for k, step in enumerate(steps)]
+        steps = [recorded(k, plan.make_step(k, b, sigmas, model_sampling)) for k, b in enumerate(branches)]
         window = min(int(settings.aggregation_steps), sigmas.shape[-1] - 2)
         try:
             result = run_lockstep(
-                first_calls, [b.x for b in branches], plan.run_sigmas(sigmas, model_sampling),
+                denoisers, [b.x for b in branches], plan.run_sigmas(sigmas, model_sampling),
                 aggregation_steps=settings.aggregation_steps, weights=list(settings.weights),
                 aggregation=settings.aggregation, deviation_steps=settings.deviation_step,
                 mean_mode=settings.mean_mode, sigma_table=ddpm_sigma_table(model_sampling),

@@ -14,6 +14,7 @@ import inspect
 
 import comfy.model_sampling
 import comfy.samplers
+import torch
 from comfy.k_diffusion import sampling as k_sampling
 
 from .. import amdm_core
@@ -142,10 +143,10 @@ _INEXACT_WHEN = {"sample_euler": lambda o: float(o.get("s_churn", 0.0)) > 0.0,
 
 class _SliceProxy:
     """The branch denoiser as a sampler function sees it (attributes such as inner_model pass through);
-    counts the calls of the current slice."""
+    keeps the slice's first x0 estimate."""
 
-    def __init__(self, branch_denoise, denoiser):
-        self._denoise = branch_denoise
+    def __init__(self, denoise, denoiser):
+        self._denoise = denoise
         self._denoiser = denoiser
         self.first = None
 
@@ -160,29 +161,20 @@ class _SliceProxy:
 
 
 class SliceStep:
-    """ComfyUI's own sampler function over [sigma, sigma_next] as one amdm_core step. It makes every model
-    call itself (the loop's first call is this slice: see `denoise`), so samplers that hook their own
-    calls (cfg_pp) work; `denoise` returns the slice's first x0 estimate, `__call__` the slice's result."""
+    """ComfyUI's own sampler function over the one-step slice [sigma, sigma_next], as an amdm_core step:
+    the function makes every model call itself (so samplers that hook their own calls, as the cfg_pp ones
+    do, work) and the slice's first x0 estimate is the step's D."""
 
-    CALLS_PER_STEP = CALLS_TO_ZERO = None  # the sampler's own count; see the docs' table
-
-    def __init__(self, function, options, branch, sigmas, branch_denoise):
+    def __init__(self, function, options, branch):
         self.function = function
         self.options = options
         self.branch = branch
-        self.sigmas = sigmas
-        self.branch_denoise = branch_denoise
-        self.result = None
 
-    def denoise(self, x, sigma):
-        index = int((self.sigmas == sigma.reshape(-1)[0]).nonzero()[0])
-        proxy = _SliceProxy(self.branch_denoise, self.branch.denoiser)
-        self.result = self.function(proxy, x, self.sigmas[index:index + 2], extra_args=self.branch.extra_args,
-                                    callback=None, disable=True, **self.options)
-        return proxy.first
-
-    def __call__(self, x, denoised, sigma, sigma_next, denoise=None):
-        return self.result
+    def __call__(self, x, denoise, sigma, sigma_next):
+        proxy = _SliceProxy(denoise, self.branch.denoiser)
+        x_next = self.function(proxy, x, torch.stack([sigma, sigma_next]), extra_args=self.branch.extra_args,
+                               callback=None, disable=True, **self.options)
+        return x_next, proxy.first
 
 
 class SamplerPlan:
@@ -202,7 +194,7 @@ class SamplerPlan:
             return k_sampling.offset_first_sigma_for_snr(sigmas, model_sampling)
         return sigmas
 
-    def make_step(self, index, branch, sigmas, model_sampling, branch_denoise):
+    def make_step(self, index, branch, sigmas, model_sampling):
         """Branch `index`'s step object (the main branch keeps a noise sampler the SAMPLER carries)."""
         options = dict(self.options)
         own_noise = options.pop("noise_sampler", None) if index == 0 else None
@@ -210,7 +202,7 @@ class SamplerPlan:
         if self.exact is None:
             if "noise_sampler" in inspect.signature(self.function).parameters:
                 options["noise_sampler"] = own_noise or _gaussian(branch, sigmas)
-            return SliceStep(self.function, options, branch, sigmas, branch_denoise)
+            return SliceStep(self.function, options, branch)
         noise_sampler = own_noise or (self.exact.noise(branch, sigmas) if self.exact.noise else None)
         return self.exact.build(options, model_sampling, noise_sampler)
 
