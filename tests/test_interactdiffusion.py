@@ -679,17 +679,19 @@ def test_size_is_checked_against_the_sampled_latent(ids, comfy, checkpoint, enco
     assert torch.isfinite(ksample(comfy, checkpoint[0], *encoded, steps=1, cfg=1.0)).all()  # nothing left patched
 
 
-def test_bf16_unet_matches_fp32_within_bf16_precision(ids, comfy, checkpoint, encoded, grounded):
-    """The fusers follow the UNet's dtype (comfy.ops manual_cast): the same interactions on the tiny UNet
-    cast to bf16 give the fp32 result within bf16 precision (relative L2 error < 3%, far below the
-    fusers' own effect)."""
+def test_bf16_unet_matches_fp32_within_bf16_precision(ids, comfy, checkpoint, encoded, grounded, plain_latent):
+    """The fusers follow the UNet's dtype (comfy.ops manual_cast): with the tiny UNet cast to bf16 the
+    grounded result differs from fp32 by at most twice what bf16 does to the plain model, plus 1% (relative
+    L2), while the fusers themselves change the output by more than 3 times that."""
     from test_ipadapter_sampler import bf16_copy
 
     bf16 = bf16_copy(checkpoint[0])
     with FuserCalls(ids.model.GatedSelfAttentionFuser) as fusers:
-        bf16_out = ksample(comfy, bf16, grounded, encoded[1], steps=1).float()
-    assert len(fusers.calls) == 16  # one batched pass: the fusers ran in every block
-    fp32_out = ksample(comfy, checkpoint[0], grounded, encoded[1], steps=1)
+        bf16_out = ksample(comfy, bf16, grounded, encoded[1], steps=2).float()
+    assert len(fusers.calls) == 2 * 16  # one batched pass per step: the fusers ran in every block
+    fp32_out = ksample(comfy, checkpoint[0], grounded, encoded[1], steps=2)
+    plain_bf16 = ksample(comfy, bf16, *encoded, steps=2).float()
     error = ((bf16_out - fp32_out).norm() / fp32_out.norm()).item()
-    effect = ((ksample(comfy, bf16, *encoded, steps=1).float() - bf16_out).norm() / fp32_out.norm()).item()
-    assert error < 0.03 and effect > 3 * error, (error, effect)
+    plain_error = ((plain_bf16 - plain_latent).norm() / plain_latent.norm()).item()
+    effect = ((plain_bf16 - bf16_out).norm() / fp32_out.norm()).item()
+    assert error <= 2 * plain_error + 0.01 and effect > 3 * error, (error, plain_error, effect)

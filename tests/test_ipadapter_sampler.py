@@ -72,52 +72,6 @@ def run_sampler(comfy, main, aux, conds, seed=3, steps=3, aggregation_steps=1):
     return getattr(node, node.FUNCTION)(**inputs)[0]["samples"]
 
 
-@pytest.fixture
-def conds(random_cond):
-    return random_cond(1), random_cond(2)
-
-
-def test_sampler_runs_an_aux_branch_patched_like_the_other_pack(comfy, pack, tiny_model, conds):
-    calls = CallLog()
-    aux = other_pack_patched(tiny_model, calls)
-    result = run_sampler(comfy, tiny_model, aux, conds)
-    ran = {block for block, _ in calls}
-    assert ran == SD15_BLOCKS - {("middle", 0)}, f"aux-branch patches that ran: {sorted(ran)}"
-    assert torch.isfinite(result).all()
-    plain_aux = run_sampler(comfy, tiny_model, tiny_model.clone(), conds)
-    assert (result - plain_aux).abs().max() > 1e-4, "the patched aux branch did not change the aggregate"
-    assert not tiny_model.model_options["transformer_options"], "the sampler left a patch on the shared model"
-
-
-def test_sampler_runs_this_packs_ipadapter_as_main_and_aux_branch(comfy, pack, tiny_model, conds):
-    import folder_paths
-
-    models = folder_paths.models_dir
-    clip_file = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
-    tiny_ipadapter.write_tiny_clip_vision(os.path.join(models, "clip_vision", clip_file))
-    tiny_ipadapter.write_tiny_ipadapter(os.path.join(models, "ipadapter", "ip-adapter_sd15.safetensors"))
-    clip_vision = comfy.CLIPVisionLoader().load_clip(clip_file)[0]
-    adapter = comfy.NODE_CLASS_MAPPINGS["AMDMIPAdapterLoader"]().load("ip-adapter_sd15.safetensors")[0]
-    picture = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(4))
-    styled = comfy.NODE_CLASS_MAPPINGS["AMDMIPAdapterApply"]().apply(
-        tiny_model, adapter, picture, 0.8, 0.0, 1.0, clip_vision)[0]
-    assert styled.model is tiny_model.model  # one UNet for both branches
-
-    ran = CallLog()
-    replace = styled.model_options["transformer_options"]["patches_replace"]["attn2"]
-    for key, patch in list(replace.items()):
-        replace[key] = lambda q, k, v, extra, patch=patch: ran.append(extra["block"]) or patch(q, k, v, extra)
-    calls = CallLog()
-    other = other_pack_patched(tiny_model, calls, seed=5)
-    as_aux = run_sampler(comfy, other, styled, conds)
-    assert set(ran) == SD15_BLOCKS and set(block for block, _ in calls) == SD15_BLOCKS - {("middle", 0)}
-    ran.clear()
-    as_main = run_sampler(comfy, styled, other, conds)
-    assert set(ran) == SD15_BLOCKS
-    assert torch.isfinite(as_aux).all() and torch.isfinite(as_main).all()
-    assert (as_aux - as_main).abs().max() > 1e-4
-
-
 def bf16_copy(patcher):
     """A ModelPatcher over a copy of ``patcher``'s model with every UNet weight cast to bfloat16 (the
     dtype a bf16 UNet is loaded in; apply_model then feeds it bf16 inputs)."""
@@ -150,6 +104,42 @@ def ksample(comfy, model, conds, cfg=5.0):
                                    latent)[0]["samples"].float()
 
 
+@pytest.fixture
+def conds(random_cond):
+    return random_cond(1), random_cond(2)
+
+
+def test_sampler_runs_an_aux_branch_patched_like_the_other_pack(comfy, pack, tiny_model, conds):
+    calls = CallLog()
+    aux = other_pack_patched(tiny_model, calls)
+    result = run_sampler(comfy, tiny_model, aux, conds)
+    ran = {block for block, _ in calls}
+    assert ran == SD15_BLOCKS - {("middle", 0)}, f"aux-branch patches that ran: {sorted(ran)}"
+    assert torch.isfinite(result).all()
+    plain_aux = run_sampler(comfy, tiny_model, tiny_model.clone(), conds)
+    assert (result - plain_aux).abs().max() > 1e-4, "the patched aux branch did not change the aggregate"
+    assert not tiny_model.model_options["transformer_options"], "the sampler left a patch on the shared model"
+
+
+def test_sampler_runs_this_packs_ipadapter_as_main_and_aux_branch(comfy, pack, tiny_model, conds):
+    styled = styled_model(comfy, tiny_model)
+    assert styled.model is tiny_model.model  # one UNet for both branches
+
+    ran = CallLog()
+    replace = styled.model_options["transformer_options"]["patches_replace"]["attn2"]
+    for key, patch in list(replace.items()):
+        replace[key] = lambda q, k, v, extra, patch=patch: ran.append(extra["block"]) or patch(q, k, v, extra)
+    calls = CallLog()
+    other = other_pack_patched(tiny_model, calls, seed=5)
+    as_aux = run_sampler(comfy, other, styled, conds)
+    assert set(ran) == SD15_BLOCKS and set(block for block, _ in calls) == SD15_BLOCKS - {("middle", 0)}
+    ran.clear()
+    as_main = run_sampler(comfy, styled, other, conds)
+    assert set(ran) == SD15_BLOCKS
+    assert torch.isfinite(as_aux).all() and torch.isfinite(as_main).all()
+    assert (as_aux - as_main).abs().max() > 1e-4
+
+
 def test_one_batched_pass_per_step_at_cfg_and_the_two_pass_result(comfy, pack, tiny_model, conds):
     from test_interactdiffusion import record_sigmas, split_passes
 
@@ -166,10 +156,13 @@ def test_one_batched_pass_per_step_at_cfg_and_the_two_pass_result(comfy, pack, t
 
 
 def test_bf16_unet_matches_fp32_within_bf16_precision(comfy, pack, tiny_model, conds):
-    """The image K/V follow the UNet's dtype: IP-Adapter on the tiny UNet cast to bf16 gives the fp32
-    result within bf16 precision (relative L2 error < 3%, far below the adapter's own effect)."""
+    """The image K/V follow the UNet's dtype: with the tiny UNet cast to bf16 the IP-Adapter result differs
+    from fp32 by at most twice what bf16 does to the plain model, plus 1% (relative L2), while the adapter
+    itself changes the output by more than 3 times that."""
     bf16 = bf16_copy(tiny_model)
     fp32_out, bf16_out = ksample(comfy, styled_model(comfy, tiny_model), conds), ksample(comfy, styled_model(comfy, bf16), conds)
+    plain_fp32, plain_bf16 = ksample(comfy, tiny_model, conds), ksample(comfy, bf16, conds)
     error = ((bf16_out - fp32_out).norm() / fp32_out.norm()).item()
-    effect = ((ksample(comfy, bf16, conds) - bf16_out).norm() / fp32_out.norm()).item()
-    assert error < 0.03 and effect > 3 * error, (error, effect)
+    plain_error = ((plain_bf16 - plain_fp32).norm() / plain_fp32.norm()).item()
+    effect = ((plain_bf16 - bf16_out).norm() / fp32_out.norm()).item()
+    assert error <= 2 * plain_error + 0.01 and effect > 3 * error, (error, plain_error, effect)

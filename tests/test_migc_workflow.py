@@ -141,9 +141,9 @@ def test_one_batched_pass_per_step_at_cfg_and_the_two_pass_result(comfy, patched
 
 
 def test_bf16_unet_matches_fp32_within_bf16_precision(pack_module, comfy, checkpoint, migc_file, encoded, migc_runs):
-    """MIGC's layers follow the UNet's dtype (comfy.ops manual_cast): the same MIGC on the tiny UNet cast to
-    bf16 gives the fp32 result within bf16 precision (relative L2 error < 3%, where MIGC itself changes the
-    output by far more)."""
+    """MIGC's layers follow the UNet's dtype (comfy.ops manual_cast): with the tiny UNet cast to bf16 the
+    MIGC result differs from fp32 by at most twice what bf16 does to the plain model, plus 1% (relative L2),
+    while MIGC itself changes the output by more than 3 times that."""
     from test_ipadapter_sampler import bf16_copy
 
     positive, negative = encoded
@@ -160,9 +160,11 @@ def test_bf16_unet_matches_fp32_within_bf16_precision(pack_module, comfy, checkp
     bf16 = bf16_copy(checkpoint[0])
     fp32_out, bf16_out = sample(checkpoint[0], True), sample(bf16, True)
     assert migc_runs and all(rows == 1 for rows, _ in migc_runs)
+    plain_fp32, plain_bf16 = sample(checkpoint[0], False), sample(bf16, False)
     error = ((bf16_out - fp32_out).norm() / fp32_out.norm()).item()
-    effect = ((sample(bf16, False) - bf16_out).norm() / fp32_out.norm()).item()
-    assert error < 0.03 and effect > 3 * error, (error, effect)
+    plain_error = ((plain_bf16 - plain_fp32).norm() / plain_fp32.norm()).item()
+    effect = ((plain_bf16 - bf16_out).norm() / fp32_out.norm()).item()
+    assert error <= 2 * plain_error + 0.01 and effect > 3 * error, (error, plain_error, effect)
 
 
 @pytest.mark.parametrize("setting", ["ca_scale", "ea_scale", "sac_scale"])
