@@ -101,8 +101,13 @@ def run_control_transfer(out_dir, settings=CONTROL_TRANSFER):
     from harness.executor import run_graph
 
     exact_mixture_comfy.load_nodes()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matmuls: a second thread only adds synchronisation
     started = time.perf_counter()
-    outputs, _ = run_graph(control_transfer_prompt(settings))
+    try:
+        outputs, _ = run_graph(control_transfer_prompt(settings))
+    finally:
+        torch.set_num_threads(threads)
     wall = time.perf_counter() - started
 
     def saved(node, kind):
