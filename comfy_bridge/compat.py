@@ -28,6 +28,8 @@ REQUIRED = (
     ("comfy.k_diffusion.sampling", "BrownianTreeNoiseSampler", ()),
     ("comfy.k_diffusion.sampling", "offset_first_sigma_for_snr", ()),
     ("comfy.k_diffusion.sampling", "linear_multistep_coeff", ()),
+    ("comfy.k_diffusion.sampling", "sigma_to_half_log_snr", ()),
+    ("comfy.k_diffusion.deis", "get_deis_coeff_list", ()),
     # checks.py: families and schedules
     ("comfy.model_sampling", "ModelSamplingDiscrete", ()),
     ("comfy.model_sampling", "CONST", ()),

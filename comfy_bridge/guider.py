@@ -191,6 +191,7 @@ class AMDMGuider(comfy.samplers.CFGGuider):
         if self.settings.is_no_op:
             return self._sample_main_alone(noise, latent_image, sampler, sigmas, denoise_mask, callback,
                                            disable_pbar, seed, aux_noise, aux_seeds)
+        plan.check_steppable()
         main = copy.copy(self.main_guider)
         main.model_patcher = self.main_guider.model_patcher.clone()
         attached = []

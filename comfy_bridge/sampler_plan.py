@@ -6,7 +6,8 @@ Two ways, decided before any model call:
 - slices: any other sampler is run by ComfyUI's own sampler function over one-step sigma slices in the
   window (its multistep history restarts every window step; SDE noise comes from one seeded stream per
   branch), and the main branch then continues with the user's sampler over the remaining sigmas.
-Adaptive-step samplers (dpm_fast, dpm_adaptive) are refused. A SAMPLER is recognised by its sampler
+Where a window exists, the adaptive-step samplers (dpm_fast, dpm_adaptive) and UniPC are refused (with
+s = 0 nothing is stepped in lockstep and they run as usual). A SAMPLER is recognised by its sampler
 function; refusals name it as the user chose it (KSampler's list: `uni_pc`, not `sample_unipc`).
 """
 import functools
@@ -15,12 +16,18 @@ import inspect
 import comfy.model_sampling
 import comfy.samplers
 import torch
+from comfy.k_diffusion import deis as k_deis
 from comfy.k_diffusion import sampling as k_sampling
 
 from .. import amdm_core
 from .checks import AMDMInputError
 
-ADAPTIVE_SAMPLERS = ("dpm_fast", "dpm_adaptive")
+_ADAPTIVE = ("chooses its own step sizes, so its branches cannot step in lockstep on one sigma schedule; pick a "
+             "fixed-step sampler (e.g. dpmpp_2m or euler)")
+_UNIPC = ("evaluates the model at its predicted latent and corrects it without a new evaluation, so it cannot be "
+          "stepped one step at a time (a one-step UniPC run makes no update); pick dpmpp_2m, deis or ipndm, "
+          "multistep samplers AMDM reproduces exactly")
+REFUSED = {"dpm_fast": _ADAPTIVE, "dpm_adaptive": _ADAPTIVE, "uni_pc": _UNIPC, "uni_pc_bh2": _UNIPC}
 
 
 @functools.lru_cache(maxsize=1)
@@ -81,7 +88,7 @@ class _Exact:
 
 
 def _sde(step_class, **fixed):
-    def build(options, ms, noise_sampler):
+    def build(options, ms, noise_sampler, sigmas):
         return step_class(noise_sampler, eta=options.get("eta", 1.0),
                           s_noise=options.get("s_noise", 1.0) * _noise_scale(ms),
                           rectified_flow=isinstance(ms, comfy.model_sampling.CONST),
@@ -89,15 +96,19 @@ def _sde(step_class, **fixed):
     return build
 
 
-def _ancestral(options, ms, noise_sampler):
-    eta, s_noise = options.get("eta", 1.0), options.get("s_noise", 1.0)
-    if isinstance(ms, comfy.model_sampling.CONST):
-        return amdm_core.AncestralRFStep(noise_sampler, eta=eta, s_noise=s_noise * _noise_scale(ms))
-    return amdm_core.AncestralStep(noise_sampler, eta=eta, s_noise=s_noise)
+def _ancestral(eps_class, flow_class):
+    """ComfyUI switches to the rectified-flow formula on CONST model samplings (only that one takes the
+    model's noise scale)."""
+    def build(options, ms, noise_sampler, sigmas):
+        eta, s_noise = options.get("eta", 1.0), options.get("s_noise", 1.0)
+        if isinstance(ms, comfy.model_sampling.CONST):
+            return flow_class(noise_sampler, eta=eta, s_noise=s_noise * _noise_scale(ms))
+        return eps_class(noise_sampler, eta=eta, s_noise=s_noise)
+    return build
 
 
 def _res_multistep(eta):
-    def build(options, ms, noise_sampler):
+    def build(options, ms, noise_sampler, sigmas):
         return amdm_core.ResMultistepStep(noise_sampler, eta=options.get("eta", eta),
                                           s_noise=options.get("s_noise", 1.0) * _noise_scale(ms))
     return build
@@ -105,13 +116,38 @@ def _res_multistep(eta):
 
 # Keyed by the sampler function's name in comfy.k_diffusion.sampling ("ddim" is sample_euler).
 EXACT = {
-    "sample_euler": _Exact(lambda o, ms, ns: amdm_core.EulerStep(), options={"s_churn", "s_tmin", "s_tmax", "s_noise"}),
-    "sample_euler_ancestral": _Exact(_ancestral, options={"eta", "s_noise"}, noise=_gaussian),
-    "sample_heun": _Exact(lambda o, ms, ns: amdm_core.HeunStep(), options={"s_churn", "s_tmin", "s_tmax", "s_noise"}),
-    "sample_lms": _Exact(lambda o, ms, ns: amdm_core.LMSStep(order=o.get("order", 4),
+    "sample_euler": _Exact(lambda o, ms, ns, sigmas: amdm_core.EulerStep(), options={"s_churn", "s_tmin", "s_tmax", "s_noise"}),
+    "sample_euler_ancestral": _Exact(_ancestral(amdm_core.AncestralStep, amdm_core.AncestralRFStep),
+                                     options={"eta", "s_noise"}, noise=_gaussian),
+    "sample_dpm_2": _Exact(lambda o, ms, ns, sigmas: amdm_core.DPM2Step(),
+                           options={"s_churn", "s_tmin", "s_tmax", "s_noise"}),
+    "sample_dpm_2_ancestral": _Exact(_ancestral(amdm_core.DPM2AncestralStep, amdm_core.DPM2AncestralRFStep),
+                                     options={"eta", "s_noise"}, noise=_gaussian),
+    "sample_dpmpp_2s_ancestral": _Exact(_ancestral(amdm_core.DPMPP2SAncestralStep,
+                                                   amdm_core.DPMPP2SAncestralRFStep),
+                                        options={"eta", "s_noise"}, noise=_gaussian),
+    "sample_ddpm": _Exact(lambda o, ms, ns, sigmas: amdm_core.DDPMStep(ns), noise=_gaussian),
+    "sample_ipndm": _Exact(lambda o, ms, ns, sigmas: amdm_core.IPNDMStep(max_order=o.get("max_order", 4)),
+                           options={"max_order"}),
+    "sample_ipndm_v": _Exact(lambda o, ms, ns, sigmas: amdm_core.IPNDMVStep(max_order=o.get("max_order", 4)),
+                             options={"max_order"}),
+    "sample_deis": _Exact(lambda o, ms, ns, sigmas: amdm_core.DEISStep(
+                              k_deis.get_deis_coeff_list(sigmas, o.get("max_order", 3),
+                                                         deis_mode=o.get("deis_mode", "tab")),
+                              max_order=o.get("max_order", 3)),
+                          options={"max_order", "deis_mode"}),
+    "sample_gradient_estimation": _Exact(lambda o, ms, ns, sigmas: amdm_core.GradientEstimationStep(
+                                             ge_gamma=o.get("ge_gamma", 2.0)), options={"ge_gamma"}),
+    "sample_er_sde": _Exact(lambda o, ms, ns, sigmas: amdm_core.ERSDEStep(
+                                ns, k_sampling.sigma_to_half_log_snr(k_sampling.offset_first_sigma_for_snr(sigmas, ms),
+                                                                     ms).neg().exp(),
+                                s_noise=o.get("s_noise", 1.0) * _noise_scale(ms), max_stage=o.get("max_stage", 3)),
+                            options={"s_noise", "max_stage"}, noise=_gaussian, offsets_first_sigma=True),
+    "sample_heun": _Exact(lambda o, ms, ns, sigmas: amdm_core.HeunStep(), options={"s_churn", "s_tmin", "s_tmax", "s_noise"}),
+    "sample_lms": _Exact(lambda o, ms, ns, sigmas: amdm_core.LMSStep(order=o.get("order", 4),
                                                               coefficient=k_sampling.linear_multistep_coeff),
                          options={"order"}),
-    "sample_dpmpp_2m": _Exact(lambda o, ms, ns: amdm_core.DPMPP2MStep()),
+    "sample_dpmpp_2m": _Exact(lambda o, ms, ns, sigmas: amdm_core.DPMPP2MStep()),
     "sample_dpmpp_sde": _Exact(_sde(amdm_core.DPMPPSDEStep, r=1 / 2), options={"eta", "s_noise", "r"},
                                noise=_brownian(cpu=True), offsets_first_sigma=True),
     "sample_dpmpp_sde_gpu": _Exact(_sde(amdm_core.DPMPPSDEStep, r=1 / 2), options={"eta", "s_noise", "r"},
@@ -132,13 +168,14 @@ EXACT = {
                                   noise=_brownian(cpu=True), offsets_first_sigma=True),
     "sample_dpmpp_3m_sde_gpu": _Exact(_sde(amdm_core.DPMPP3MSDEStep), options={"eta", "s_noise"},
                                       noise=_brownian(cpu=False), offsets_first_sigma=True),
-    "sample_lcm": _Exact(lambda o, ms, ns: amdm_core.LCMStep(ns, ms.noise_scaling), noise=_gaussian),
+    "sample_lcm": _Exact(lambda o, ms, ns, sigmas: amdm_core.LCMStep(ns, ms.noise_scaling), noise=_gaussian),
     "sample_res_multistep": _Exact(_res_multistep(0.0), options={"s_noise"}),
     "sample_res_multistep_ancestral": _Exact(_res_multistep(1.0), options={"eta", "s_noise"}, noise=_gaussian),
 }
 # Options with which a sampler is no longer the one reproduced (they change its formula).
 _INEXACT_WHEN = {"sample_euler": lambda o: float(o.get("s_churn", 0.0)) > 0.0,
-                 "sample_heun": lambda o: float(o.get("s_churn", 0.0)) > 0.0}
+                 "sample_heun": lambda o: float(o.get("s_churn", 0.0)) > 0.0,
+                 "sample_dpm_2": lambda o: float(o.get("s_churn", 0.0)) > 0.0}
 
 
 class _SliceProxy:
@@ -187,6 +224,11 @@ class SamplerPlan:
         self.exact = exact
         self.name = sampler_display_name(sampler)
 
+    def check_steppable(self):
+        """Raise before any model call where the sampler cannot step branches in lockstep."""
+        if self.name in REFUSED:
+            raise AMDMInputError(f"sampler {self.name!r} {REFUSED[self.name]}")
+
     def run_sigmas(self, sigmas, model_sampling):
         """The sigmas the steps see: the SDE samplers move a rectified-flow first sigma of 1 off the
         singular log-SNR, as their ComfyUI functions do."""
@@ -204,7 +246,7 @@ class SamplerPlan:
                 options["noise_sampler"] = own_noise or _gaussian(branch, sigmas)
             return SliceStep(self.function, options, branch)
         noise_sampler = own_noise or (self.exact.noise(branch, sigmas) if self.exact.noise else None)
-        return self.exact.build(options, model_sampling, noise_sampler)
+        return self.exact.build(options, model_sampling, noise_sampler, sigmas)
 
     def finish_main(self, branch, x, sigmas, window, callback, branch_denoise):
         """Slices path: the main branch after the window, by the user's sampler over sigmas[window + 1:]."""
@@ -213,7 +255,8 @@ class SamplerPlan:
                 callback({**step, "i": step["i"] + window + 1})
 
         proxy = _SliceProxy(branch_denoise, branch.denoiser)
-        return self.function(proxy, x, sigmas[window + 1:], extra_args=branch.extra_args, callback=shifted,
+        # A copy: some samplers (uni_pc) write into the sigmas they are given.
+        return self.function(proxy, x, sigmas[window + 1:].clone(), extra_args=branch.extra_args, callback=shifted,
                              disable=True, **self.options)
 
 
@@ -223,11 +266,6 @@ def plan_sampler(sampler):
         raise AMDMInputError(
             f"the SAMPLER {sampler_display_name(sampler)!r} is not a k-diffusion sampler (KSAMPLER); AMDM steps "
             "every branch one step at a time and needs one")
-    name = sampler_display_name(sampler)
-    if name in ADAPTIVE_SAMPLERS:
-        raise AMDMInputError(
-            f"sampler {name!r} chooses its own step sizes, so its branches cannot step in lockstep on one "
-            "sigma schedule; pick a fixed-step sampler (e.g. dpmpp_2m or euler)")
     function = sampler.sampler_function
     options = dict(sampler.extra_options or {})
     key = getattr(function, "__name__", "") if getattr(k_sampling, getattr(function, "__name__", ""), None) is function else None

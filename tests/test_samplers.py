@@ -5,7 +5,8 @@ configs, plus SD1.5 patched to v-prediction):
 2. The samplers AMDM reproduces exactly: one branch stepped by the pack's step objects equals KSampler bit
    for bit (SD1.5 and SD3), so the per-branch state (noise stream, multistep history) is the sampler's own.
 3. s >= 1 runs and stays finite for every sampler and family, with the model calls docs/nodes.md states.
-4. Adaptive-step samplers and non-k-diffusion SAMPLERs are refused by their user-facing name.
+4. With a window, adaptive-step samplers, UniPC and non-k-diffusion SAMPLERs are refused by their
+   user-facing name before any model call.
 """
 import os
 import re
@@ -16,15 +17,15 @@ import torch
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 STEPS = 3
-ADAPTIVE = ("dpm_fast", "dpm_adaptive")
+REFUSED = ("dpm_fast", "dpm_adaptive", "uni_pc", "uni_pc_bh2")  # with a window; s = 0 runs them
 FAMILIES = ("sd15", "sd15_v", "sdxl", "sd3", "flux")
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "nodes.md")
 
 
-def all_samplers():
+def all_samplers(refused=True):
     import comfy.samplers
 
-    return [name for name in comfy.samplers.KSampler.SAMPLERS if name not in ADAPTIVE]
+    return [name for name in comfy.samplers.KSampler.SAMPLERS if refused or name not in REFUSED]
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +122,8 @@ def documented_calls():
     count depends on the step's position are marked there with "varies"."""
     with open(DOCS, encoding="utf-8") as handle:
         text = handle.read()
-    rows = re.findall(r"^\| `([a-z0-9_]+)` \| (exact|slices) \| ([0-9]+|varies) \|", text, flags=re.M)
-    return {name: (how, None if calls == "varies" else int(calls)) for name, how, calls in rows}
+    rows = re.findall(r"^\| `([a-z0-9_]+)` \| (exact|slices|refused) \| ([0-9]+|varies|-) \|", text, flags=re.M)
+    return {name: (how, int(calls) if calls.isdigit() else None) for name, how, calls in rows}
 
 
 def step_calls(per_step, sigmas, steps):
@@ -134,10 +135,12 @@ def test_the_docs_table_covers_every_sampler_and_says_how_it_is_stepped(comfy, p
     import comfy.samplers
 
     table = documented_calls()  # the samplers of every ComfyUI version the pack is tested on
-    running = set(comfy.samplers.KSampler.SAMPLERS) - set(ADAPTIVE)
+    running = set(comfy.samplers.KSampler.SAMPLERS)
     assert running <= set(table), f"undocumented samplers: {sorted(running - set(table))}"
-    exact = set(pack_module("comfy_bridge.sampler_plan").exact_sampler_names())
-    assert {name for name, (how, _) in table.items() if how == "exact" and name in running} == exact
+    plan = pack_module("comfy_bridge.sampler_plan")
+    assert {name for name, (how, _) in table.items() if how == "exact" and name in running} == \
+        set(plan.exact_sampler_names())
+    assert {name for name, (how, _) in table.items() if how == "refused"} == set(plan.REFUSED) == set(REFUSED)
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)
@@ -148,7 +151,7 @@ def test_every_sampler_aggregates_finite_latents_with_the_documented_model_calls
     family, s = families[family_name], 2
     table = documented_calls()
     problems = []
-    for sampler in all_samplers():
+    for sampler in all_samplers(refused=False):
         sigmas = comfy.samplers.KSampler(family["main"], steps=STEPS, device="cpu", sampler=sampler,
                                          scheduler="simple").sigmas
         family["calls"].clear()
@@ -168,17 +171,21 @@ def test_every_sampler_aggregates_finite_latents_with_the_documented_model_calls
 def test_merging_changes_the_result_for_exact_and_slice_samplers(comfy, pack, families):
     family = families["sd3"]
     with torch.no_grad():
-        for sampler in ("dpmpp_2m", "uni_pc"):
+        for sampler in ("dpmpp_2m", "sa_solver"):
             alone = ksampler(comfy, family, sampler)
             merged = amdm(pack, family, sampler, s=2)[0]["samples"]
             assert (merged - alone).abs().max() > 1e-3, f"{sampler}: the aux branch had no effect"
 
 
-@pytest.mark.parametrize("sampler", ADAPTIVE)
-def test_adaptive_samplers_are_refused_by_name_before_any_call(comfy, pack, families, sampler):
+@pytest.mark.parametrize("sampler,reason", [("dpm_fast", "chooses its own step sizes"),
+                                            ("dpm_adaptive", "chooses its own step sizes"),
+                                            ("uni_pc", "corrects it without a new evaluation"),
+                                            ("uni_pc_bh2", "corrects it without a new evaluation")])
+def test_samplers_that_cannot_step_in_lockstep_are_refused_by_name_before_any_call(comfy, pack, families, sampler,
+                                                                                    reason):
     family = families["sd15"]
     family["calls"].clear()
-    with pytest.raises(ValueError, match=rf"sampler '{sampler}' chooses its own step sizes"):
+    with pytest.raises(ValueError, match=rf"sampler {sampler!r} .*{reason}"):
         amdm(pack, family, sampler, s=2)
     assert family["calls"] == []
 
