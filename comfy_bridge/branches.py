@@ -2,6 +2,8 @@
 whose patchers are clones of one UNet."""
 import comfy.sampler_helpers
 
+from .settings import AMDMInputError, branch_name
+
 
 def cond_models(guider):
     """The models a guider's conditioning needs loaded (ControlNets, GLIGEN, additional_models), as
@@ -16,6 +18,27 @@ def _patch_state(patcher):
     weights = patcher.patches_uuid if (patcher.patches or patcher.weight_wrapper_patches) else None
     objects = tuple(sorted((name, id(obj)) for name, obj in patcher.object_patches.items()))
     return weights, objects, tuple(sorted(patcher.injections)), patcher.force_cast_weights
+
+
+def _is_dynamic(patcher):
+    """ComfyUI 0.33's ModelPatcherDynamic (dynamic VRAM, the default on NVIDIA GPUs) says so."""
+    return bool(getattr(patcher, "is_dynamic", lambda: False)())
+
+
+def check_switchable(patchers):
+    """Branches whose clones of one UNet differ in weight patches are switched by re-patching the shared
+    weights (PatcherSwitch). Under dynamic VRAM the weights are streamed by ComfyUI's own loader instead,
+    which this switch is not tested with (no CPU can build one): refuse that combination before any step."""
+    groups = {}
+    for index, patcher in enumerate(patchers):
+        groups.setdefault(id(patcher.model), []).append((index, patcher))
+    for members in groups.values():
+        if len({_patch_state(p) for _, p in members}) > 1 and any(_is_dynamic(p) for _, p in members):
+            names = " and ".join(branch_name(i) for i, _ in members)
+            raise AMDMInputError(
+                f"{names} are clones of one model with different weight patches (e.g. a LoRA on one of them) under "
+                "ComfyUI's dynamic VRAM, which AMDM does not switch between; start ComfyUI with "
+                "--disable-dynamic-vram, or give every branch that uses this checkpoint the same LoRAs")
 
 
 class PatcherSwitch:

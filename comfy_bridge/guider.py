@@ -22,7 +22,7 @@ import latent_preview
 import torch
 
 from ..amdm_core import run_lockstep
-from .branches import PatcherSwitch, cond_models
+from .branches import PatcherSwitch, check_switchable, cond_models
 from .checks import (check_compatible, check_guider, check_mean_mode, check_no_hooks, check_run, ddpm_sigma_table,
                      noise_space)
 from .sampler_plan import plan_sampler
@@ -149,6 +149,7 @@ class AMDMGuider(comfy.samplers.CFGGuider):
         for index, guider in enumerate(guiders):
             check_guider(guider, index)
         check_compatible([g.model_patcher for g in guiders])
+        check_switchable([g.model_patcher for g in guiders])
         check_no_hooks(guiders)
         super().__init__(main_guider.model_patcher)
         self.main_guider = main_guider

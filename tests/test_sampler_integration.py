@@ -149,6 +149,32 @@ def test_lora_on_one_clone_equals_running_that_branch_on_a_separate_unet(comfy, 
     assert same_weights(tiny_model, snapshot), "the LoRA outlived the run in the shared UNet"
 
 
+def test_differently_patched_clones_under_dynamic_vram_are_refused_before_any_step(comfy, pack, tiny_model, conds):
+    """ComfyUI 0.33 makes ModelPatcherDynamic the default on NVIDIA GPUs. No CPU can build one (it falls back
+    to ModelPatcher there), so a clone whose class reports is_dynamic() stands in for it."""
+    import comfy.samplers
+
+    class DynamicPatcher(type(tiny_model)):
+        def is_dynamic(self):
+            return True
+
+    def guider(model, positive, negative):
+        g = comfy.samplers.CFGGuider(model)
+        g.set_conds(positive, negative)
+        return g
+
+    node = pack.NODE_CLASS_MAPPINGS["AMDMGuider"]()
+    with_a_lora = with_lora(tiny_model, tiny_lora(tiny_model))
+    with_a_lora.__class__ = DynamicPatcher
+    with pytest.raises(ValueError, match="different weight patches .* dynamic VRAM.*--disable-dynamic-vram"):
+        node.get_guider(guider(tiny_model, conds[0], conds[1]), guider(with_a_lora, conds[2], conds[3]), 0.5, 2,
+                        "paper", 0.3, "auto", "independent")
+    plain = tiny_model.clone()
+    plain.__class__ = DynamicPatcher
+    node.get_guider(guider(tiny_model, conds[0], conds[1]), guider(plain, conds[2], conds[3]), 0.5, 2, "paper", 0.3,
+                    "auto", "independent")  # same patches: nothing to switch, accepted
+
+
 # --- 5. interruption -----------------------------------------------------------------------------------
 
 def test_interrupt_propagates_and_leaves_nothing_behind(comfy, pack, tiny_model, conds):
