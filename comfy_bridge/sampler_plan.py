@@ -6,8 +6,9 @@ Two ways, decided before any model call:
 - slices: any other sampler is run by ComfyUI's own sampler function over one-step sigma slices in the
   window (its multistep history restarts every window step; SDE noise comes from one seeded stream per
   branch), and the main branch then continues with the user's sampler over the remaining sigmas.
-Where a window exists, the adaptive-step samplers (dpm_fast, dpm_adaptive) and UniPC are refused (with
-s = 0 nothing is stepped in lockstep and they run as usual). A SAMPLER is recognised by its sampler
+Where a window exists, the adaptive-step samplers (dpm_fast, dpm_adaptive) and the predictor-corrector
+ones that correct a latent only in the next step (uni_pc, sa_solver) are refused (with s = 0 nothing is
+stepped in lockstep and they run as usual). A SAMPLER is recognised by its sampler
 function; refusals name it as the user chose it (KSampler's list: `uni_pc`, not `sample_unipc`).
 """
 import functools
@@ -24,10 +25,12 @@ from .checks import AMDMInputError
 
 _ADAPTIVE = ("chooses its own step sizes, so its branches cannot step in lockstep on one sigma schedule; pick a "
              "fixed-step sampler (e.g. dpmpp_2m or euler)")
-_UNIPC = ("evaluates the model at its predicted latent and corrects it without a new evaluation, so it cannot be "
-          "stepped one step at a time (a one-step UniPC run makes no update); pick dpmpp_2m, deis or ipndm, "
-          "multistep samplers AMDM reproduces exactly")
-REFUSED = {"dpm_fast": _ADAPTIVE, "dpm_adaptive": _ADAPTIVE, "uni_pc": _UNIPC, "uni_pc_bh2": _UNIPC}
+_PREDICTOR_CORRECTOR = ("evaluates the model at its predicted latent and corrects the latent only in the next "
+                        "step, so it cannot be stepped one step at a time (a one-step run of it makes no update); "
+                        "pick dpmpp_2m, deis or ipndm, multistep samplers AMDM reproduces exactly")
+REFUSED = {"dpm_fast": _ADAPTIVE, "dpm_adaptive": _ADAPTIVE, "uni_pc": _PREDICTOR_CORRECTOR,
+           "uni_pc_bh2": _PREDICTOR_CORRECTOR, "sa_solver": _PREDICTOR_CORRECTOR,
+           "sa_solver_pece": _PREDICTOR_CORRECTOR}
 
 
 @functools.lru_cache(maxsize=1)

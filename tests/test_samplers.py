@@ -5,8 +5,10 @@ configs, plus SD1.5 patched to v-prediction):
 2. The samplers AMDM reproduces exactly: one branch stepped by the pack's step objects equals KSampler bit
    for bit (SD1.5 and SD3), so the per-branch state (noise stream, multistep history) is the sampler's own.
 3. s >= 1 runs and stays finite for every sampler and family, with the model calls docs/nodes.md states.
-4. With a window, adaptive-step samplers, UniPC and non-k-diffusion SAMPLERs are refused by their
-   user-facing name before any model call.
+4. With a window, adaptive-step samplers, the predictor-correctors (uni_pc, sa_solver) and non-k-diffusion
+   SAMPLERs are refused by their user-facing name before any model call.
+5. Every sampler stepped by slices moves a branch in a one-step slice as in the first step of a full run
+   (heunpp2, whose order depends on the sigmas ahead, takes a valid lower-order step instead).
 """
 import os
 import re
@@ -17,7 +19,7 @@ import torch
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 STEPS = 3
-REFUSED = ("dpm_fast", "dpm_adaptive", "uni_pc", "uni_pc_bh2")  # with a window; s = 0 runs them
+REFUSED = ("dpm_fast", "dpm_adaptive", "uni_pc", "uni_pc_bh2", "sa_solver", "sa_solver_pece")  # s = 0 runs them
 FAMILIES = ("sd15", "sd15_v", "sdxl", "sd3", "flux")
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "nodes.md")
 
@@ -168,10 +170,42 @@ def test_every_sampler_aggregates_finite_latents_with_the_documented_model_calls
     assert not problems, f"{family_name}: " + "; ".join(problems)
 
 
+def test_a_one_step_slice_of_each_slices_sampler_is_its_first_step(comfy, pack, pack_module, families):
+    """The slices path is only sound where ComfyUI's function, given [sigma_0, sigma_1], takes the step it
+    takes first in a full run (the refused predictor-correctors do not: they return an uncorrected latent)."""
+    import comfy.samplers
+
+    table = documented_calls()
+    family = families["sd15"]
+    guider = comfy.samplers.CFGGuider(family["main"])
+    guider.set_conds(family["conds"][0], family["conds"][1])
+    guider.set_cfg(4.0)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    wrong = []
+    for name in all_samplers(refused=False):
+        if table[name][0] != "slices" or name == "heunpp2":
+            continue
+        sigmas = comfy.samplers.KSampler(family["main"], steps=5, device="cpu", sampler=name, scheduler="karras").sigmas
+        first = {}
+
+        def second_input(step, x0, x, total):
+            if step == 1:
+                first["x"] = x.clone()
+
+        with torch.no_grad():
+            guider.sample(noise, family["latent"]["samples"], comfy.samplers.sampler_object(name), sigmas,
+                          callback=second_input, seed=3)
+            one_step = guider.sample(noise, family["latent"]["samples"], comfy.samplers.sampler_object(name),
+                                     sigmas[:2].clone(), seed=3)
+        if not torch.equal(one_step, family["main"].model.process_latent_out(first["x"])):
+            wrong.append(name)
+    assert not wrong, f"a one-step slice is not the sampler's first step: {wrong}"
+
+
 def test_merging_changes_the_result_for_exact_and_slice_samplers(comfy, pack, families):
     family = families["sd3"]
     with torch.no_grad():
-        for sampler in ("dpmpp_2m", "sa_solver"):
+        for sampler in ("dpmpp_2m", "seeds_2"):
             alone = ksampler(comfy, family, sampler)
             merged = amdm(pack, family, sampler, s=2)[0]["samples"]
             assert (merged - alone).abs().max() > 1e-3, f"{sampler}: the aux branch had no effect"
@@ -179,8 +213,10 @@ def test_merging_changes_the_result_for_exact_and_slice_samplers(comfy, pack, fa
 
 @pytest.mark.parametrize("sampler,reason", [("dpm_fast", "chooses its own step sizes"),
                                             ("dpm_adaptive", "chooses its own step sizes"),
-                                            ("uni_pc", "corrects it without a new evaluation"),
-                                            ("uni_pc_bh2", "corrects it without a new evaluation")])
+                                            ("uni_pc", "corrects the latent only in the next step"),
+                                            ("uni_pc_bh2", "corrects the latent only in the next step"),
+                                            ("sa_solver", "corrects the latent only in the next step"),
+                                            ("sa_solver_pece", "corrects the latent only in the next step")])
 def test_samplers_that_cannot_step_in_lockstep_are_refused_by_name_before_any_call(comfy, pack, families, sampler,
                                                                                     reason):
     family = families["sd15"]
