@@ -280,8 +280,8 @@ def main():
         "wall_seconds": round(wall, 3),
         "unet_calls": counter.calls,
         "unet_calls_note": "UNet forward passes of the whole graph (AMDM branches and the side output); "
-                           "cond and uncond share a pass unless their patches differ (GLIGEN-style "
-                           "InteractDiffusion conditioning runs them as two passes)",
+                           "cond and uncond share one pass (InteractDiffusion, MIGC and IP-Adapter all batch "
+                           "them)",
         "node_seconds": {f"{nid} {prompt[nid]['class_type']}": sec for nid, sec in node_timings(executor).items()
                          if nid in prompt},
         "amdm_parameters": {nid: {"class_type": node["class_type"],
