@@ -99,6 +99,13 @@ def _sde(step_class, **fixed):
     return build
 
 
+def _sde_pair(name, step_class, options, **fixed):
+    """An SDE sampler and its _gpu twin: the same step on a Brownian tree kept on the CPU or the device."""
+    return {variant: _Exact(_sde(step_class, **fixed), options=options, noise=_brownian(cpu=cpu),
+                            offsets_first_sigma=True)
+            for variant, cpu in ((name, True), (name + "_gpu", False))}
+
+
 def _ancestral(eps_class, flow_class):
     """ComfyUI switches to the rectified-flow formula on CONST model samplings (only that one takes the
     model's noise scale)."""
@@ -110,6 +117,14 @@ def _ancestral(eps_class, flow_class):
     return build
 
 
+def _er_sde(options, ms, noise_sampler, sigmas):
+    """ER-SDE reads e^{-lambda} of the whole (first-sigma offset) schedule, as one vector like ComfyUI."""
+    offset = k_sampling.offset_first_sigma_for_snr(sigmas, ms)
+    er_lambdas = k_sampling.sigma_to_half_log_snr(offset, ms).neg().exp()
+    return amdm_core.ERSDEStep(noise_sampler, er_lambdas, s_noise=options.get("s_noise", 1.0) * _noise_scale(ms),
+                               max_stage=options.get("max_stage", 3))
+
+
 def _res_multistep(eta):
     def build(options, ms, noise_sampler, sigmas):
         return amdm_core.ResMultistepStep(noise_sampler, eta=options.get("eta", eta),
@@ -117,13 +132,14 @@ def _res_multistep(eta):
     return build
 
 
+_CHURN_OPTIONS = {"s_churn", "s_tmin", "s_tmax", "s_noise"}  # exact with s_churn 0 only (_INEXACT_WHEN)
+
 # Keyed by the sampler function's name in comfy.k_diffusion.sampling ("ddim" is sample_euler).
 EXACT = {
-    "sample_euler": _Exact(lambda o, ms, ns, sigmas: amdm_core.EulerStep(), options={"s_churn", "s_tmin", "s_tmax", "s_noise"}),
+    "sample_euler": _Exact(lambda o, ms, ns, sigmas: amdm_core.EulerStep(), options=_CHURN_OPTIONS),
     "sample_euler_ancestral": _Exact(_ancestral(amdm_core.AncestralStep, amdm_core.AncestralRFStep),
                                      options={"eta", "s_noise"}, noise=_gaussian),
-    "sample_dpm_2": _Exact(lambda o, ms, ns, sigmas: amdm_core.DPM2Step(),
-                           options={"s_churn", "s_tmin", "s_tmax", "s_noise"}),
+    "sample_dpm_2": _Exact(lambda o, ms, ns, sigmas: amdm_core.DPM2Step(), options=_CHURN_OPTIONS),
     "sample_dpm_2_ancestral": _Exact(_ancestral(amdm_core.DPM2AncestralStep, amdm_core.DPM2AncestralRFStep),
                                      options={"eta", "s_noise"}, noise=_gaussian),
     "sample_dpmpp_2s_ancestral": _Exact(_ancestral(amdm_core.DPMPP2SAncestralStep,
@@ -141,44 +157,25 @@ EXACT = {
                           options={"max_order", "deis_mode"}),
     "sample_gradient_estimation": _Exact(lambda o, ms, ns, sigmas: amdm_core.GradientEstimationStep(
                                              ge_gamma=o.get("ge_gamma", 2.0)), options={"ge_gamma"}),
-    "sample_er_sde": _Exact(lambda o, ms, ns, sigmas: amdm_core.ERSDEStep(
-                                ns, k_sampling.sigma_to_half_log_snr(k_sampling.offset_first_sigma_for_snr(sigmas, ms),
-                                                                     ms).neg().exp(),
-                                s_noise=o.get("s_noise", 1.0) * _noise_scale(ms), max_stage=o.get("max_stage", 3)),
-                            options={"s_noise", "max_stage"}, noise=_gaussian, offsets_first_sigma=True),
-    "sample_heun": _Exact(lambda o, ms, ns, sigmas: amdm_core.HeunStep(), options={"s_churn", "s_tmin", "s_tmax", "s_noise"}),
+    "sample_er_sde": _Exact(_er_sde, options={"s_noise", "max_stage"}, noise=_gaussian, offsets_first_sigma=True),
+    "sample_heun": _Exact(lambda o, ms, ns, sigmas: amdm_core.HeunStep(), options=_CHURN_OPTIONS),
     "sample_lms": _Exact(lambda o, ms, ns, sigmas: amdm_core.LMSStep(order=o.get("order", 4),
-                                                              coefficient=k_sampling.linear_multistep_coeff),
+                                                                     coefficient=k_sampling.linear_multistep_coeff),
                          options={"order"}),
     "sample_dpmpp_2m": _Exact(lambda o, ms, ns, sigmas: amdm_core.DPMPP2MStep()),
-    "sample_dpmpp_sde": _Exact(_sde(amdm_core.DPMPPSDEStep, r=1 / 2), options={"eta", "s_noise", "r"},
-                               noise=_brownian(cpu=True), offsets_first_sigma=True),
-    "sample_dpmpp_sde_gpu": _Exact(_sde(amdm_core.DPMPPSDEStep, r=1 / 2), options={"eta", "s_noise", "r"},
-                                   noise=_brownian(cpu=False), offsets_first_sigma=True),
-    "sample_dpmpp_2m_sde": _Exact(_sde(amdm_core.DPMPP2MSDEStep, solver_type="midpoint"),
-                                  options={"eta", "s_noise", "solver_type"}, noise=_brownian(cpu=True),
-                                  offsets_first_sigma=True),
-    "sample_dpmpp_2m_sde_gpu": _Exact(_sde(amdm_core.DPMPP2MSDEStep, solver_type="midpoint"),
-                                      options={"eta", "s_noise", "solver_type"}, noise=_brownian(cpu=False),
-                                      offsets_first_sigma=True),
-    "sample_dpmpp_2m_sde_heun": _Exact(_sde(amdm_core.DPMPP2MSDEStep, solver_type="heun"),
-                                       options={"eta", "s_noise", "solver_type"}, noise=_brownian(cpu=True),
-                                       offsets_first_sigma=True),
-    "sample_dpmpp_2m_sde_heun_gpu": _Exact(_sde(amdm_core.DPMPP2MSDEStep, solver_type="heun"),
-                                           options={"eta", "s_noise", "solver_type"}, noise=_brownian(cpu=False),
-                                           offsets_first_sigma=True),
-    "sample_dpmpp_3m_sde": _Exact(_sde(amdm_core.DPMPP3MSDEStep), options={"eta", "s_noise"},
-                                  noise=_brownian(cpu=True), offsets_first_sigma=True),
-    "sample_dpmpp_3m_sde_gpu": _Exact(_sde(amdm_core.DPMPP3MSDEStep), options={"eta", "s_noise"},
-                                      noise=_brownian(cpu=False), offsets_first_sigma=True),
+    **_sde_pair("sample_dpmpp_sde", amdm_core.DPMPPSDEStep, {"eta", "s_noise", "r"}, r=1 / 2),
+    **_sde_pair("sample_dpmpp_2m_sde", amdm_core.DPMPP2MSDEStep, {"eta", "s_noise", "solver_type"},
+                solver_type="midpoint"),
+    **_sde_pair("sample_dpmpp_2m_sde_heun", amdm_core.DPMPP2MSDEStep, {"eta", "s_noise", "solver_type"},
+                solver_type="heun"),
+    **_sde_pair("sample_dpmpp_3m_sde", amdm_core.DPMPP3MSDEStep, {"eta", "s_noise"}),
     "sample_lcm": _Exact(lambda o, ms, ns, sigmas: amdm_core.LCMStep(ns, ms.noise_scaling), noise=_gaussian),
     "sample_res_multistep": _Exact(_res_multistep(0.0), options={"s_noise"}),
     "sample_res_multistep_ancestral": _Exact(_res_multistep(1.0), options={"eta", "s_noise"}, noise=_gaussian),
 }
-# Options with which a sampler is no longer the one reproduced (they change its formula).
-_INEXACT_WHEN = {"sample_euler": lambda o: float(o.get("s_churn", 0.0)) > 0.0,
-                 "sample_heun": lambda o: float(o.get("s_churn", 0.0)) > 0.0,
-                 "sample_dpm_2": lambda o: float(o.get("s_churn", 0.0)) > 0.0}
+# Options with which a sampler is no longer the one reproduced (churn adds noise from the global generator).
+_INEXACT_WHEN = {name: lambda o: float(o.get("s_churn", 0.0)) > 0.0
+                 for name in ("sample_euler", "sample_heun", "sample_dpm_2")}
 
 
 class _SliceProxy:
@@ -271,7 +268,8 @@ def plan_sampler(sampler):
             "every branch one step at a time and needs one")
     function = sampler.sampler_function
     options = dict(sampler.extra_options or {})
-    key = getattr(function, "__name__", "") if getattr(k_sampling, getattr(function, "__name__", ""), None) is function else None
+    name = getattr(function, "__name__", "")
+    key = name if getattr(k_sampling, name, None) is function else None  # ComfyUI's own function, not a look-alike
     exact = EXACT.get(key)
     if exact is not None and (set(options) - exact.options or _INEXACT_WHEN.get(key, lambda o: False)(options)):
         exact = None

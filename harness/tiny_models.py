@@ -137,8 +137,8 @@ def _family_unet_config(family):
     if family == "sdxl":
         return {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
                 "legacy": False, "adm_in_channels": 2816, "num_classes": "sequential", "in_channels": 4,
-                "model_channels": 32,
-                "num_res_blocks": [1, 1, 1], "transformer_depth": [0, 1, 1], "transformer_depth_output": [0, 0, 1, 1, 1, 1],
+                "model_channels": 32, "num_res_blocks": [1, 1, 1], "transformer_depth": [0, 1, 1],
+                "transformer_depth_output": [0, 0, 1, 1, 1, 1],
                 "channel_mult": [1, 2, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": True,
                 "context_dim": 2048, "num_heads": -1, "num_head_channels": 32, "use_temporal_resblock": False,
                 "use_temporal_attention": False}
@@ -195,7 +195,8 @@ def family_conditioning(family, seed, batch=1):
         return [[torch.randn(batch, 77, 2048, generator=gen),
                  {"pooled_output": torch.randn(batch, 1280, generator=gen), "width": 64, "height": 64}]]
     if family == "sd3":
-        return [[torch.randn(batch, 16, 4096, generator=gen), {"pooled_output": torch.randn(batch, 2048, generator=gen)}]]
+        return [[torch.randn(batch, 16, 4096, generator=gen),
+                 {"pooled_output": torch.randn(batch, 2048, generator=gen)}]]
     if family == "flux":
         return [[torch.randn(batch, 16, 4096, generator=gen),
                  {"pooled_output": torch.randn(batch, 768, generator=gen), "guidance": 3.5}]]
