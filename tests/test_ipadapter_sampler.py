@@ -75,11 +75,12 @@ def run_sampler(comfy, main, aux, conds, seed=3, steps=3, aggregation_steps=1):
 def bf16_copy(patcher):
     """A ModelPatcher over a copy of ``patcher``'s model with every UNet weight cast to bfloat16 (the
     dtype a bf16 UNet is loaded in; apply_model then feeds it bf16 inputs)."""
-    import copy
-
     import comfy.model_patcher
 
-    model = copy.deepcopy(patcher.model).to(torch.bfloat16)
+    # A fresh model of the same config with the same weights (ComfyUI 0.33's BaseModel cannot be deep-copied).
+    model = patcher.model.model_config.get_model({})
+    model.load_state_dict(patcher.model.state_dict())
+    model = model.to(torch.bfloat16)
     model.diffusion_model.dtype = torch.bfloat16
     return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
 
