@@ -1,12 +1,14 @@
 """AMDM (Aggregation of Multiple Diffusion Models) as plain torch, with no ComfyUI import.
 
 schedule: every family's noise space <-> VP space, discrete timesteps; aggregation: per-item slerp and the N-branch
-merges; deviation: the pull-back step and its mean; steps: per-branch sampling steps; lockstep: the loop.
+merges; deviation: the pull-back step and its mean; steps: per-branch sampling steps (predictor_corrector: UniPC and
+SA-Solver); lockstep: the loop.
 The definition of correct is the project's spec (AMDM.md), restated in each function's docstring.
 """
 from .aggregation import AGGREGATION_MODES, aggregate, lerp, slerp
 from .deviation import MEAN_MODES, deviation_correct, deviation_direction, reference_mean, resolve_mean_mode
 from .lockstep import LockstepResult, expected_model_calls, run_lockstep
+from .predictor_corrector import SASolverStep, UniPCStep
 from .schedule import (
     EPS_SPACE,
     FLOW_SPACE,
@@ -79,6 +81,8 @@ __all__ = [
     "LockstepResult",
     "NoiseSpace",
     "ResMultistepStep",
+    "SASolverStep",
+    "UniPCStep",
     "aggregate",
     "alpha_bar_from_sigma",
     "ancestral_sigmas",

@@ -119,6 +119,7 @@ class _LockstepRun:
             latents = list(result.branch_latents)
             if plan.exact is None and window + 1 < sigmas.shape[-1] - 1:
                 latents[0] = plan.finish_main(main, latents[0], sigmas, window, main.callback, denoisers[0])
+            plan.finish_sigmas(sigmas)
         finally:
             switch.activate(main.patcher)  # the main branch's patches live again, as after its own run
         self.aux_denoised = [step_denoised[k] for k in range(1, len(branches))]

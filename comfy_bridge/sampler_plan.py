@@ -6,10 +6,9 @@ Two ways, decided before any model call:
 - slices: any other sampler is run by ComfyUI's own sampler function over one-step sigma slices in the
   window (its multistep history restarts every window step; SDE noise comes from one seeded stream per
   branch), and the main branch then continues with the user's sampler over the remaining sigmas.
-Where a window exists, the adaptive-step samplers (dpm_fast, dpm_adaptive) and the predictor-corrector
-ones that correct a latent only in the next step (uni_pc, sa_solver) are refused (with s = 0 nothing is
-stepped in lockstep and they run as usual). A SAMPLER is recognised by its sampler
-function; refusals name it as the user chose it (KSampler's list: `uni_pc`, not `sample_unipc`).
+Where a window exists, the adaptive-step samplers (dpm_fast, dpm_adaptive) are refused (with s = 0 nothing
+is stepped in lockstep and they run as usual). A SAMPLER is recognised by its sampler function; refusals
+name it as the user chose it (KSampler's list: `uni_pc`, not `sample_unipc`).
 """
 import functools
 import inspect
@@ -17,7 +16,9 @@ import inspect
 import comfy.model_sampling
 import comfy.samplers
 import torch
+from comfy.extra_samplers import uni_pc as k_uni_pc
 from comfy.k_diffusion import deis as k_deis
+from comfy.k_diffusion import sa_solver as k_sa_solver
 from comfy.k_diffusion import sampling as k_sampling
 
 from .. import amdm_core
@@ -25,12 +26,7 @@ from .checks import AMDMInputError
 
 _ADAPTIVE = ("chooses its own step sizes, so its branches cannot step in lockstep on one sigma schedule; pick a "
              "fixed-step sampler (e.g. dpmpp_2m or euler)")
-_PREDICTOR_CORRECTOR = ("evaluates the model at its predicted latent and corrects the latent only in the next "
-                        "step, so it cannot be stepped one step at a time (a one-step run of it makes no update); "
-                        "pick dpmpp_2m, deis or ipndm, multistep samplers AMDM reproduces exactly")
-REFUSED = {"dpm_fast": _ADAPTIVE, "dpm_adaptive": _ADAPTIVE, "uni_pc": _PREDICTOR_CORRECTOR,
-           "uni_pc_bh2": _PREDICTOR_CORRECTOR, "sa_solver": _PREDICTOR_CORRECTOR,
-           "sa_solver_pece": _PREDICTOR_CORRECTOR}
+REFUSED = {"dpm_fast": _ADAPTIVE, "dpm_adaptive": _ADAPTIVE}
 
 
 @functools.lru_cache(maxsize=1)
@@ -83,11 +79,12 @@ class _Exact:
     """One exact sampler: which options it takes (any other option sends the SAMPLER down the slices
     path rather than being ignored), how its noise is drawn and how its step is built."""
 
-    def __init__(self, build, options=(), noise=None, offsets_first_sigma=False):
+    def __init__(self, build, options=(), noise=None, offsets_first_sigma=False, writes_last_sigma=False):
         self.build = build
         self.options = frozenset(options) | ({"noise_sampler"} if noise else frozenset())
         self.noise = noise
         self.offsets_first_sigma = offsets_first_sigma
+        self.writes_last_sigma = writes_last_sigma
 
 
 def _sde(step_class, **fixed):
@@ -132,9 +129,26 @@ def _res_multistep(eta):
     return build
 
 
+def _sa_solver(pece):
+    """SA-Solver's lambdas over the first-sigma offset schedule (one vector) and its default tau: stochastic
+    between 20 % and 80 % of the model's sigma range, as ComfyUI builds them."""
+    def build(options, ms, noise_sampler, sigmas):
+        offset = k_sampling.offset_first_sigma_for_snr(sigmas, ms)
+        tau = options.get("tau_func") or k_sa_solver.get_tau_interval_func(ms.percent_to_sigma(0.2),
+                                                                          ms.percent_to_sigma(0.8), eta=1.0)
+        return amdm_core.SASolverStep(
+            noise_sampler, offset, k_sampling.sigma_to_half_log_snr(offset, model_sampling=ms), tau,
+            k_sa_solver.compute_stochastic_adams_b_coeffs, s_noise=options.get("s_noise", 1.0) * _noise_scale(ms),
+            predictor_order=options.get("predictor_order", 3), corrector_order=options.get("corrector_order", 4),
+            pece=pece or options.get("use_pece", False), simple_order_2=options.get("simple_order_2", False))
+    return build
+
+
+_SA_SOLVER_OPTIONS = {"tau_func", "s_noise", "predictor_order", "corrector_order", "simple_order_2"}
 _CHURN_OPTIONS = {"s_churn", "s_tmin", "s_tmax", "s_noise"}  # exact with s_churn 0 only (_INEXACT_WHEN)
 
-# Keyed by the sampler function's name in comfy.k_diffusion.sampling ("ddim" is sample_euler).
+# Keyed by the sampler function's name in comfy.k_diffusion.sampling or comfy.extra_samplers.uni_pc ("ddim" is
+# sample_euler).
 EXACT = {
     "sample_euler": _Exact(lambda o, ms, ns, sigmas: amdm_core.EulerStep(), options=_CHURN_OPTIONS),
     "sample_euler_ancestral": _Exact(_ancestral(amdm_core.AncestralStep, amdm_core.AncestralRFStep),
@@ -172,6 +186,15 @@ EXACT = {
     "sample_lcm": _Exact(lambda o, ms, ns, sigmas: amdm_core.LCMStep(ns, ms.noise_scaling), noise=_gaussian),
     "sample_res_multistep": _Exact(_res_multistep(0.0), options={"s_noise"}),
     "sample_res_multistep_ancestral": _Exact(_res_multistep(1.0), options={"eta", "s_noise"}, noise=_gaussian),
+    # ComfyUI's uni_pc writes 0.001 into the run's last sigma, where KSAMPLER then un-scales the latent.
+    "sample_unipc": _Exact(lambda o, ms, ns, sigmas: amdm_core.UniPCStep(sigmas, variant=o.get("variant", "bh1")),
+                           options={"variant"}, writes_last_sigma=True),
+    "sample_unipc_bh2": _Exact(lambda o, ms, ns, sigmas: amdm_core.UniPCStep(sigmas, variant="bh2"),
+                               writes_last_sigma=True),
+    "sample_sa_solver": _Exact(_sa_solver(pece=False), options=_SA_SOLVER_OPTIONS | {"use_pece"}, noise=_gaussian,
+                               offsets_first_sigma=True),
+    "sample_sa_solver_pece": _Exact(_sa_solver(pece=True), options=_SA_SOLVER_OPTIONS, noise=_gaussian,
+                                    offsets_first_sigma=True),
 }
 # Options with which a sampler is no longer the one reproduced (churn adds noise from the global generator).
 _INEXACT_WHEN = {name: lambda o: float(o.get("s_churn", 0.0)) > 0.0
@@ -248,6 +271,11 @@ class SamplerPlan:
         noise_sampler = own_noise or (self.exact.noise(branch, sigmas) if self.exact.noise else None)
         return self.exact.build(options, model_sampling, noise_sampler, sigmas)
 
+    def finish_sigmas(self, sigmas):
+        """After the run: the sigmas as the user's sampler leaves them (uni_pc writes 0.001 over a last 0)."""
+        if self.exact is not None and self.exact.writes_last_sigma and sigmas[-1] == 0:
+            sigmas[-1] = 0.001
+
     def finish_main(self, branch, x, sigmas, window, callback, branch_denoise):
         """Slices path: the main branch after the window, by the user's sampler over sigmas[window + 1:]."""
         def shifted(step):
@@ -269,7 +297,8 @@ def plan_sampler(sampler):
     function = sampler.sampler_function
     options = dict(sampler.extra_options or {})
     name = getattr(function, "__name__", "")
-    key = name if getattr(k_sampling, name, None) is function else None  # ComfyUI's own function, not a look-alike
+    own = any(getattr(module, name, None) is function for module in (k_sampling, k_uni_pc))  # not a look-alike
+    key = name if own else None
     exact = EXACT.get(key)
     if exact is not None and (set(options) - exact.options or _INEXACT_WHEN.get(key, lambda o: False)(options)):
         exact = None

@@ -37,7 +37,7 @@ def comfyui_dir():
     return path
 
 
-def boot(base_dir, threads=None, cpu=True):
+def boot(base_dir, threads=1, cpu=True):
     """Import ComfyUI in-process with CPU options (cpu=False: ComfyUI picks the accelerator, as for
     bench/gpu.py) and a temporary base directory; idempotent.
 
@@ -48,7 +48,9 @@ def boot(base_dir, threads=None, cpu=True):
         return _state["comfy_dir"]
     import torch
 
-    torch.set_num_threads(threads or max(1, min(os.cpu_count() or 1, 2)))
+    # One intra-op thread by default: the tiny test models gain nothing from more, and on a busy 2-core
+    # machine two OpenMP threads made each tiny UNet call ~10x slower.
+    torch.set_num_threads(threads)
     comfy_dir = comfyui_dir()
     if comfy_dir not in sys.path:
         sys.path.insert(0, comfy_dir)

@@ -57,7 +57,7 @@ class ComfyServer:
     def __init__(self, base_dir, install_pack=True, tiny_models=False, threads=None, extra_args=(), log_path=None,
                  frontend=None):
         """``tiny_models``: also install harness/tiny_models_node, so the server's loaders accept the tiny
-        test weights; ``threads``: the server's OMP_NUM_THREADS (default: this process's, else 2);
+        test weights; ``threads``: the server's OMP_NUM_THREADS (default 1, as in runtime.boot);
         ``frontend``: a frontend version from .frontends/ served with --front-end-root (None: the one
         installed in the venv)."""
         self.base_dir = os.path.abspath(base_dir)
@@ -91,7 +91,7 @@ class ComfyServer:
                *self.extra_args]
         if self.frontend:
             cmd += ["--front-end-root", frontend_root(self.frontend)]
-        threads = str(self.threads) if self.threads else os.environ.get("OMP_NUM_THREADS", "2")
+        threads = str(self.threads or 1)
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads)
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(cmd, cwd=program, stdout=self._log, stderr=subprocess.STDOUT, env=env)

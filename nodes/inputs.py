@@ -17,9 +17,8 @@ def sampler_tooltip():
     return ("AMDM steps every branch one step at a time. Reproduced exactly per branch (noise stream and "
             f"multistep history): {', '.join(exact_sampler_names())}. Every other sampler is run by ComfyUI's "
             "own function over one-step slices during the window (its multistep history restarts each window "
-            "step), then the main branch finishes with it. With s > 0, dpm_fast and dpm_adaptive (adaptive steps), "
-            "uni_pc and sa_solver (they correct a latent only in the next step) are refused. The table with model "
-            "calls per sampler is in docs/nodes.md.")
+            "step), then the main branch finishes with it. With s > 0, dpm_fast and dpm_adaptive (adaptive step sizes) "
+            "are refused. The table with model calls per sampler is in docs/nodes.md.")
 
 
 def aggregation_inputs():

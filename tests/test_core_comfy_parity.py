@@ -193,7 +193,7 @@ def lockstep_sampler(name, record):
 
 
 @pytest.fixture(scope="module")
-def guiders(tiny_model, one_torch_thread):
+def guiders(tiny_model):
     import comfy.samplers
 
     gen = torch.Generator().manual_seed(11)

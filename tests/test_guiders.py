@@ -11,7 +11,6 @@ import pytest
 import torch
 from test_sampler_exactness import STEPS, empty_latent, tame
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TOLERANCE = 1e-4  # cond and uncond batched differently (one call vs two) round differently
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 from test_sampler_exactness import amdm, empty_latent, tame
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 STEPS, S, SEED = 5, 3, 3
 

@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 STEPS = 5  # ddim_uniform gives exactly 5 steps for 5 (1000 // 5 = 200)
 SIZE = 8

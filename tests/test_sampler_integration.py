@@ -6,7 +6,6 @@ import pytest
 import torch
 from test_sampler_exactness import amdm, empty_latent, ksampler
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 STEPS = 5
 SIZE = 8

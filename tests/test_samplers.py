@@ -5,8 +5,8 @@ configs, plus SD1.5 patched to v-prediction):
 2. The samplers AMDM reproduces exactly: one branch stepped by the pack's step objects equals KSampler bit
    for bit (SD1.5 and SD3), so the per-branch state (noise stream, multistep history) is the sampler's own.
 3. s >= 1 runs and stays finite for every sampler and family, with the model calls docs/nodes.md states.
-4. With a window, adaptive-step samplers, the predictor-correctors (uni_pc, sa_solver) and non-k-diffusion
-   SAMPLERs are refused by their user-facing name before any model call.
+4. With a window, adaptive-step samplers and non-k-diffusion SAMPLERs are refused by their user-facing name
+   before any model call.
 5. Every sampler stepped by slices moves a branch in a one-step slice as in the first step of a full run
    (heunpp2, whose order depends on the sigmas ahead, takes a valid lower-order step instead).
 """
@@ -16,10 +16,10 @@ import re
 import pytest
 import torch
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 STEPS = 3
-REFUSED = ("dpm_fast", "dpm_adaptive", "uni_pc", "uni_pc_bh2", "sa_solver", "sa_solver_pece")  # s = 0 runs them
+REFUSED = ("dpm_fast", "dpm_adaptive")  # s = 0 runs them
+PREDICTOR_CORRECTORS = ("uni_pc", "uni_pc_bh2", "sa_solver", "sa_solver_pece")
 FAMILIES = ("sd15", "sd15_v", "sdxl", "sd3", "flux")
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "nodes.md")
 
@@ -98,24 +98,29 @@ def test_exact_samplers_step_one_branch_exactly_as_ksampler(comfy, pack, pack_mo
     family = families[family_name]
     exact = plan_module.exact_sampler_names()
     assert {"euler", "ddim", "euler_ancestral", "heun", "lms", "dpmpp_2m", "dpmpp_sde", "dpmpp_2m_sde",
-            "dpmpp_3m_sde", "lcm", "res_multistep"} <= set(exact)
+            "dpmpp_3m_sde", "lcm", "res_multistep", "uni_pc", "uni_pc_bh2", "sa_solver", "sa_solver_pece"} <= set(exact)
     mismatches = []
-    for sampler_name in exact:
+    # The predictor-correctors' orders depend on the schedule's length: also a longer one (UniPC reaches
+    # order 3 and slides its history, SA-Solver its order-4 corrector), and one step (UniPC makes no update).
+    runs = [(name, STEPS) for name in exact] + [(name, steps) for name in PREDICTOR_CORRECTORS for steps in (1, 8)]
+    for sampler_name, steps in runs:
         guider = comfy.samplers.CFGGuider(family["main"])
         guider.set_conds(family["conds"][0], family["conds"][1])
         guider.set_cfg(4.0)
         sampler = comfy.samplers.sampler_object(sampler_name)
-        sigmas = comfy.samplers.KSampler(family["main"], steps=STEPS, device="cpu", sampler=sampler_name,
+        # Each run gets its own copy: uni_pc writes into the sigmas it is given.
+        sigmas = comfy.samplers.KSampler(family["main"], steps=steps, device="cpu", sampler=sampler_name,
                                          scheduler="simple").sigmas
         noise = comfy.sample.prepare_noise(family["latent"]["samples"], 5)
         with torch.no_grad():
-            reference = guider.sample(noise, family["latent"]["samples"], sampler, sigmas, seed=5)
-            run = guider_module._LockstepRun([], [], [], family["latent"]["samples"], sigmas, None,
+            reference = guider.sample(noise, family["latent"]["samples"], sampler, sigmas.clone(), seed=5)
+            run_sigmas = sigmas.clone()
+            run = guider_module._LockstepRun([], [], [], family["latent"]["samples"], run_sigmas, None,
                                              plan_module.plan_sampler(sampler), settings)
             stepped = guider.sample(noise, family["latent"]["samples"],
-                                    guider_module.BranchCapture(run, sampler.inpaint_options), sigmas, seed=5)
+                                    guider_module.BranchCapture(run, sampler.inpaint_options), run_sigmas, seed=5)
         if not torch.equal(stepped, reference):
-            mismatches.append(f"{sampler_name} ({float((stepped - reference).abs().max()):.2g})")
+            mismatches.append(f"{sampler_name}, {steps} steps ({float((stepped - reference).abs().max()):.2g})")
     assert not mismatches, f"{family_name}: the pack's steps differ from ComfyUI's sampler: {', '.join(mismatches)}"
 
 
@@ -205,23 +210,17 @@ def test_a_one_step_slice_of_each_slices_sampler_is_its_first_step(comfy, pack, 
 def test_merging_changes_the_result_for_exact_and_slice_samplers(comfy, pack, families):
     family = families["sd3"]
     with torch.no_grad():
-        for sampler in ("dpmpp_2m", "seeds_2"):
+        for sampler in ("dpmpp_2m", "seeds_2", "uni_pc", "sa_solver_pece"):
             alone = ksampler(comfy, family, sampler)
             merged = amdm(pack, family, sampler, s=2)[0]["samples"]
             assert (merged - alone).abs().max() > 1e-3, f"{sampler}: the aux branch had no effect"
 
 
-@pytest.mark.parametrize("sampler,reason", [("dpm_fast", "chooses its own step sizes"),
-                                            ("dpm_adaptive", "chooses its own step sizes"),
-                                            ("uni_pc", "corrects the latent only in the next step"),
-                                            ("uni_pc_bh2", "corrects the latent only in the next step"),
-                                            ("sa_solver", "corrects the latent only in the next step"),
-                                            ("sa_solver_pece", "corrects the latent only in the next step")])
-def test_samplers_that_cannot_step_in_lockstep_are_refused_by_name_before_any_call(comfy, pack, families, sampler,
-                                                                                    reason):
+@pytest.mark.parametrize("sampler", REFUSED)
+def test_samplers_that_cannot_step_in_lockstep_are_refused_by_name_before_any_call(comfy, pack, families, sampler):
     family = families["sd15"]
     family["calls"].clear()
-    with pytest.raises(ValueError, match=rf"sampler {sampler!r} .*{reason}"):
+    with pytest.raises(ValueError, match=rf"sampler {sampler!r} chooses its own step sizes"):
         amdm(pack, family, sampler, s=2)
     assert family["calls"] == []
 

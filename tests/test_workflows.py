@@ -20,7 +20,6 @@ from harness.workflow_files import (GUIDER_WORKFLOW, REQUIRED_WORKFLOWS, WORKFLO
 CAPTION = "A red hair girl is drinking from a blue bottle of water, oil painting"
 CPU_SCALE = 4
 CPU_STEPS, CPU_AGGREGATION_STEPS = 10, 4
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: ~10x faster on the shared machine
 SIZE_AT_CPU_SCALE = 512 // CPU_SCALE
 SAMPLING_WIDGETS = ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise")
 
