@@ -1,36 +1,19 @@
 """amdm_core.aggregation: per-item slerp and the N-branch merges, against spec section 4.
 
-The expected values come from `reference_slerp`, a float64 numpy transcription of the spec's formula
-written here, never from the code under test.
+The expected values come from spec_reference (`reference_slerp`, `reference_aggregate`), the tests' float64
+transcription of the spec's formulas, never from the code under test.
 """
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from spec_reference import reference_aggregate, reference_slerp
 
 import amdm_core
 from amdm_core import aggregate, lerp, slerp
 
 FAST = settings(max_examples=40, deadline=None)
-
-
-def reference_slerp(a, b, w):
-    """Spec section 4 per batch item, float64: sin((1-w)t)/sin t * A + sin(w t)/sin t * B, linear when
-    1 - cos t < 1e-6."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    out = np.empty_like(a)
-    for i in range(a.shape[0]):
-        x, y = a[i].ravel(), b[i].ravel()
-        cos = np.clip(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)), -1.0, 1.0)
-        if 1.0 - cos < 1e-6:
-            mixed = (1 - w) * x + w * y
-        else:
-            t = np.arccos(cos)
-            mixed = np.sin((1 - w) * t) / np.sin(t) * x + np.sin(w * t) / np.sin(t) * y
-        out[i] = mixed.reshape(a[i].shape)
-    return out
 
 
 def latents(seed, shape=(3, 4, 8, 8), dtype=torch.float32):
@@ -139,10 +122,7 @@ def test_slerp_rejects_mismatched_shapes():
 @given(seed=st.integers(0, 10_000), w1=st.floats(0.0, 1.0), w2=st.floats(0.0, 1.0))
 def test_paper_mode_three_branches_is_the_reference_nested_formula(seed, w1, w2):
     main, aux1, aux2 = (latents(seed + k).numpy() for k in range(3))
-    # Spec section 4, transcribed: I1 = slerp(aux1, main; w1), I2 = slerp(main, aux2; w2), slerp(I1, I2; w2).
-    i1 = reference_slerp(aux1, main, w1)
-    i2 = reference_slerp(main, aux2, w2)
-    expected = reference_slerp(i1, i2, w2)
+    expected = reference_aggregate([main, aux1, aux2], [w1, w2], "paper")
     out = aggregate([torch.from_numpy(main), torch.from_numpy(aux1), torch.from_numpy(aux2)], [w1, w2], mode="paper")
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4)
 
@@ -160,11 +140,8 @@ def test_paper_equals_sequential_for_two_branches(seed, w):
 @given(seed=st.integers(0, 10_000), weights=st.lists(st.floats(0.0, 1.0), min_size=0, max_size=4))
 def test_sequential_and_linear_modes_fold_over_the_aux_branches(seed, weights):
     branches = [latents(seed + k) for k in range(len(weights) + 1)]
-    expected = branches[0].numpy().astype(np.float64)
-    expected_linear = expected.copy()
-    for branch, w in zip(branches[1:], weights):
-        expected = reference_slerp(expected, branch.numpy(), w)
-        expected_linear = (1 - w) * expected_linear + w * branch.numpy()
+    expected = reference_aggregate([b.numpy() for b in branches], weights, "sequential")
+    expected_linear = reference_aggregate([b.numpy() for b in branches], weights, "linear")
     np.testing.assert_allclose(aggregate(branches, weights).numpy(), expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(aggregate(branches, weights, mode="linear").numpy(), expected_linear, rtol=1e-5, atol=1e-5)
 

@@ -1,13 +1,14 @@
 """amdm_core.deviation and amdm_core.schedule, against spec sections 2 and 5.
 
-The SD1.5 training table is re-derived here from its definition (scaled-linear betas 0.00085..0.012),
-independently of amdm_core.scaled_linear_sigma_table.
+The SD1.5 training table comes from spec_reference, re-derived from its definition (scaled-linear betas
+0.00085..0.012) independently of amdm_core.scaled_linear_sigma_table.
 """
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from spec_reference import sd15_sigmas_float32, sd15_training_table
 
 from amdm_core import (
     MEAN_MODES,
@@ -24,19 +25,6 @@ from amdm_core import (
 )
 
 FAST = settings(max_examples=40, deadline=None)
-
-
-def sd15_training_table():
-    """float64 (betas, alphas, alphas_cumprod) of SD1.x: betas = linspace(sqrt(0.00085), sqrt(0.012), 1000)^2."""
-    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
-    alphas = 1.0 - betas
-    return betas, alphas, np.cumprod(alphas)
-
-
-def sd15_sigmas_float32():
-    """The table as ComfyUI's model_sampling holds it: sqrt((1 - abar) / abar) stored in float32."""
-    _, _, abar = sd15_training_table()
-    return torch.tensor(np.sqrt((1.0 - abar) / abar), dtype=torch.float32)
 
 
 def latents(seed, shape=(3, 4, 8, 8)):

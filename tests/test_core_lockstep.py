@@ -1,15 +1,14 @@
 """amdm_core.lockstep.run_lockstep against spec section 3.
 
-`spec_loop` below is a straightforward float64 transcription of spec section 3 (DDIM written in VP
-form, its own slerp, its own timestep lookup and posterior mean), written independently of amdm_core.
+The expected values come from `spec_reference.reference_loop`, the tests' float64 transcription of spec
+section 3 (DDIM, its own slerp, timestep lookup and posterior mean), written independently of amdm_core.
 """
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_core_aggregation import reference_slerp
-from test_core_deviation import sd15_sigmas_float32
+from spec_reference import reference_loop, sd15_sigmas_float32
 
 from amdm_core import (
     AncestralStep,
@@ -58,62 +57,6 @@ def initial_latents(n, sigma0, seed=0):
     return [torch.randn(SHAPE, generator=gen) * sigma0 for _ in range(n)]
 
 
-def spec_aggregate(ys, weights, mode):
-    if mode == "paper" and len(ys) == 3:
-        return reference_slerp(reference_slerp(ys[1], ys[0], weights[0]), reference_slerp(ys[0], ys[2], weights[1]), weights[1])
-    merged = ys[0]
-    for y, w in zip(ys[1:], weights):
-        merged = (1 - w) * merged + w * y if mode == "linear" else reference_slerp(merged, y, w)
-    return merged
-
-
-FAMILY_SCALES = {  # (a(sigma), b(sigma)) of x = a x0 + b eps, docs/algorithm.md
-    "eps": lambda sigma: (1.0, sigma),
-    "flow": lambda sigma: (1.0 - sigma, sigma),
-}
-
-
-def spec_loop(denoisers, init, sigmas, s, weights, mode, p, mean_mode, table, family="eps"):
-    """Spec section 3, float64, in the family's space x = a x0 + b eps (DDIM: y = a' D + b' eps, VP latent
-    x / sqrt(a^2 + b^2)). Returns the final latents of all branches."""
-    sig = sigmas.double().numpy()
-    tab = None if table is None else table.double().numpy()
-    scales = FAMILY_SCALES[family]
-    n = len(denoisers)
-    x = [t.double().numpy() for t in init]
-    prev_eps = [None] * n
-    batch = x[0].shape[0]
-    per_item = lambda v: v.reshape(batch, -1)  # noqa: E731
-    for i in range(len(sig) - 1):
-        active = range(n) if i <= s else [0]
-        y, eps = list(x), list(prev_eps)
-        a, b = scales(sig[i])
-        a_next, b_next = scales(sig[i + 1])
-        vp_scale, vp_scale_next = np.hypot(a, b), np.hypot(a_next, b_next)
-        for k in active:
-            d = denoisers[k](torch.from_numpy(x[k]), torch.full((batch,), sig[i], dtype=torch.float64)).numpy()
-            eps[k] = (x[k] - a * d) / b
-            y[k] = a_next * d + b_next * eps[k]  # DDIM, eta 0
-        if 1 <= i <= s:
-            xbar_vp = spec_aggregate(y, weights, mode) / vp_scale_next
-            corrected = []
-            for k in range(n):
-                if mean_mode == "reference":
-                    tau = int(np.argmin(np.abs(np.log(tab) - np.log(sig[i - 1]))))
-                    ab_tau = 1 / (1 + tab[tau] ** 2)
-                    alpha = ab_tau / (1.0 if tau == 0 else 1 / (1 + tab[tau - 1] ** 2))
-                    mu = (x[k] / vp_scale - (1 - alpha) / np.sqrt(1 - ab_tau) * prev_eps[k]) / np.sqrt(alpha)
-                else:
-                    mu = y[k] / vp_scale_next
-                diff = per_item(xbar_vp - mu)
-                unit = diff / np.linalg.norm(diff, axis=1, keepdims=True)
-                corrected.append((per_item(xbar_vp) - p[k] * unit).reshape(xbar_vp.shape) * vp_scale_next)
-            y = corrected
-        for k in active:
-            x[k], prev_eps[k] = y[k], eps[k]
-    return x
-
-
 CONFIGS = [
     # (branches, s, aggregation, mean_mode, p, weights)
     (2, 5, "sequential", "reference", [0.3, 0.3], [0.5]),
@@ -136,15 +79,15 @@ def test_loop_matches_a_transcription_of_the_spec(n, s, mode, mean_mode, p, weig
         denoisers, init, sigmas, aggregation_steps=s, weights=weights, aggregation=mode,
         deviation_steps=p, mean_mode=mean_mode, sigma_table=TABLE,
     )
-    expected = spec_loop(denoisers, init, sigmas, s, weights, mode, p, mean_mode, TABLE)
+    expected = reference_loop(denoisers, init, sigmas, s, weights, mode, p, mean_mode, TABLE)
     np.testing.assert_allclose(result.x.numpy(), expected[0], rtol=1e-4, atol=2e-4)
     if s < 9:  # aux branches stopped after step s; their latents are those of the window's end
-        stopped = spec_loop(denoisers, init, sigmas[: s + 2], s, weights, mode, p, mean_mode, TABLE)
+        stopped = reference_loop(denoisers, init, sigmas[: s + 2], s, weights, mode, p, mean_mode, TABLE)
         for k in range(1, n):
             np.testing.assert_allclose(result.branch_latents[k].numpy(), stopped[k], rtol=1e-4, atol=2e-4)
     assert result.steps_done == 10
     # the transcription is sensitive to what the window does: without it the result is far away
-    plain = spec_loop(denoisers[:1], init[:1], sigmas, 0, [], mode, p, mean_mode, TABLE)[0]
+    plain = reference_loop(denoisers[:1], init[:1], sigmas, 0, [], mode, p, mean_mode, TABLE)[0]
     if s >= 1 and any(w > 0 for w in weights):
         assert np.abs(plain - expected[0]).max() > 1e-2
 
@@ -185,16 +128,16 @@ def test_flow_loop_matches_a_transcription_of_the_spec(n, s, mode, p, weights, m
     init = initial_latents(n, 1.0, seed=20 + n + s)
     result = run_lockstep(denoisers, init, sigmas, aggregation_steps=s, weights=weights, aggregation=mode,
                           deviation_steps=p, mean_mode=mean_mode, space=FLOW_SPACE)
-    expected = spec_loop(denoisers, init, sigmas, s, weights, mode, p, "exact", None, family="flow")
+    expected = reference_loop(denoisers, init, sigmas, s, weights, mode, p, "exact", None, family="flow")
     np.testing.assert_allclose(result.x.numpy(), expected[0], rtol=1e-4, atol=2e-4)
     if s < 9:
-        stopped = spec_loop(denoisers, init, sigmas[: s + 2], s, weights, mode, p, "exact", None, family="flow")
+        stopped = reference_loop(denoisers, init, sigmas[: s + 2], s, weights, mode, p, "exact", None, family="flow")
         for k in range(1, n):
             np.testing.assert_allclose(result.branch_latents[k].numpy(), stopped[k], rtol=1e-4, atol=2e-4)
     # sensitive to the space: the same run transcribed in the eps space is far away
-    eps_space = spec_loop(denoisers, init, sigmas, s, weights, mode, p, "exact", None, family="eps")
+    eps_space = reference_loop(denoisers, init, sigmas, s, weights, mode, p, "exact", None, family="eps")
     assert np.abs(eps_space[0] - expected[0]).max() > 1e-2
-    plain = spec_loop(denoisers[:1], init[:1], sigmas, 0, [], mode, p, "exact", None, family="flow")[0]
+    plain = reference_loop(denoisers[:1], init[:1], sigmas, 0, [], mode, p, "exact", None, family="flow")[0]
     assert np.abs(plain - expected[0]).max() > 1e-2
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_core_aggregation import reference_slerp
+from spec_reference import reference_slerp
 
 from amdm_core import (
     EPS_SPACE,

@@ -1,15 +1,13 @@
 """AMDM Aggregate Sampler / AMDM Guider against the real ComfyUI samplers (tiny models, CPU).
 
 1. s = 0, or every weight 0 with p = 0: bit-identical to KSampler (ddim, euler, euler_ancestral, dpmpp_2m).
-2. Two and three branches against `spec_amdm` below, a float64 transcription of spec section 3 written
-   for this test (DDIM in VP form, its own slerp, timestep lookup and posterior mean), calling the same
-   ComfyUI guiders: max abs difference <= 1e-5.
+2. Two and three branches against `spec_reference.reference_loop`, the tests' float64 transcription of spec
+   section 3, calling the same ComfyUI guiders: max abs difference <= 1e-5.
 3. Model calls counted with a model wrapper: exactly T + (N - 1)(s + 1).
 """
-import math
-
 import pytest
 import torch
+from spec_reference import reference_loop
 
 
 STEPS = 5  # ddim_uniform gives exactly 5 steps for 5 (1000 // 5 = 200)
@@ -128,62 +126,11 @@ def prepared_denoiser(guider, noise, seed):
     return denoise
 
 
-def spec_slerp(a, b, w):
-    """slerp per batch item in float64 (spec section 4), with the spec's near-parallel fallback."""
-    out = []
-    for ai, bi in zip(a, b):
-        cos = float((ai * bi).sum() / (ai.norm() * bi.norm()))
-        cos = min(1.0, max(-1.0, cos))
-        if 1 - abs(cos) < 1e-6:
-            out.append((1 - w) * ai + w * bi)
-            continue
-        theta = math.acos(cos)
-        out.append(math.sin((1 - w) * theta) / math.sin(theta) * ai + math.sin(w * theta) / math.sin(theta) * bi)
-    return torch.stack(out)
-
-
-def spec_aggregate(ys, weights, mode):
-    if mode == "paper" and len(ys) == 3:
-        return spec_slerp(spec_slerp(ys[1], ys[0], weights[0]), spec_slerp(ys[0], ys[2], weights[1]), weights[1])
-    merged = ys[0]
-    for y, w in zip(ys[1:], weights):
-        merged = spec_slerp(merged, y, w)
-    return merged
-
-
-def spec_amdm(denoisers, noises, sigmas, s, weights, mode, p, mean_mode, table):
-    """Spec section 3 in float64; DDIM(eta 0) written in VP form; returns the main branch's final x."""
-    sig = [float(v) for v in sigmas]
-    tab = table.double()
-    abar = lambda sigma: 1.0 / (1.0 + sigma**2)  # noqa: E731
-    n = len(denoisers)
-    x = [noise.double() * sig[0] for noise in noises]  # ddim_uniform starts below sigma_max: x = sigma_0 * noise
-    prev_eps = [None] * n
-    for i in range(len(sig) - 1):
-        active = range(n) if i <= s else [0]
-        y, eps = list(x), list(prev_eps)
-        a_next = abar(sig[i + 1])
-        for k in active:
-            d = denoisers[k](x[k], sig[i])
-            eps[k] = (x[k] - d) / sig[i]
-            y[k] = (math.sqrt(a_next) * d + math.sqrt(1 - a_next) * eps[k]) / math.sqrt(a_next)
-        if 1 <= i <= s:
-            xbar_vp = spec_aggregate(y, weights, mode) * math.sqrt(a_next)
-            tau = int((tab.log() - math.log(sig[i - 1])).abs().argmin())
-            abar_tau = float(1 / (1 + tab[tau] ** 2))
-            alpha_tau = abar_tau / (float(1 / (1 + tab[tau - 1] ** 2)) if tau > 0 else 1.0)
-            for k in range(n):
-                if mean_mode == "reference":
-                    x_vp = x[k] * math.sqrt(abar(sig[i]))
-                    mu = (x_vp - (1 - alpha_tau) / math.sqrt(1 - abar_tau) * prev_eps[k]) / math.sqrt(alpha_tau)
-                else:
-                    mu = y[k] * math.sqrt(a_next)
-                diff = (xbar_vp - mu).flatten(1)
-                step = diff / diff.norm(dim=1, keepdim=True)
-                y[k] = (xbar_vp - p * step.reshape(xbar_vp.shape)) / math.sqrt(a_next)
-        for k in active:
-            x[k], prev_eps[k] = y[k], eps[k]
-    return x[0]
+def reference_run(denoisers, noises, sigmas, s, weights, mode, p, mean_mode, table):
+    """The main branch's final latent by the spec transcription, from noise * sigma_0 (ddim_uniform starts
+    below sigma_max, so no extra noise scaling)."""
+    init = [noise.double() * float(sigmas[0]) for noise in noises]
+    return torch.from_numpy(reference_loop(denoisers, init, sigmas, s, weights, mode, p, mean_mode, table)[0])
 
 
 CASES = [  # (branches, aggregation, mean_mode, weights, p)
@@ -217,7 +164,7 @@ def test_matches_a_transcription_of_the_spec_loop(comfy, pack, models, conds, br
         guider.set_cfg(cfg)
         denoisers.append(prepared_denoiser(guider, noises[k], seed + k))
     with torch.no_grad():
-        expected = spec_amdm(denoisers, noises, sigmas, s, weights, aggregation, p, mean_mode, model_sampling.sigmas)
+        expected = reference_run(denoisers, noises, sigmas, s, weights, aggregation, p, mean_mode, model_sampling.sigmas)
     # Compared in the model's latent space (LATENT * 0.18215), where real SD1.5 latents are of order 1.
     got = models["main"].model.process_latent_in(got).double()
     difference = float((got - expected).abs().max())
@@ -249,7 +196,7 @@ def test_dual_cfg_and_perp_neg_guiders_as_branches_match_the_transcription(comfy
     denoisers = [prepared_denoiser(main, noises[0], seed), prepared_denoiser(aux, noises[1], seed + 1)]
     table = models["main"].get_model_object("model_sampling").sigmas
     with torch.no_grad():
-        expected = spec_amdm(denoisers, noises, sigmas, s, [0.5], "paper", 0.3, "reference", table)
+        expected = reference_run(denoisers, noises, sigmas, s, [0.5], "paper", 0.3, "reference", table)
     difference = float((models["main"].model.process_latent_in(got).double() - expected).abs().max())
     assert difference <= 1e-5, f"max abs difference {difference:.3g} from the spec transcription"
 
