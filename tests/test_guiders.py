@@ -9,7 +9,7 @@ preparation) would differ by orders of magnitude more than the tolerance.
 """
 import pytest
 import torch
-from test_sampler_exactness import STEPS, empty_latent, tame
+from node_calls import STEPS, empty_latent, tame
 
 
 TOLERANCE = 1e-4  # cond and uncond batched differently (one call vs two) round differently

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
+from node_calls import amdm, empty_latent, tame
 from spec_reference import reference_slerp
-from test_sampler_exactness import amdm, empty_latent, tame
 
 
 STEPS, S, SEED = 5, 3, 3

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from test_sampler_exactness import amdm, empty_latent, ksampler
+from node_calls import amdm, empty_latent, ksampler
 
 
 STEPS = 5
