@@ -51,10 +51,8 @@ class UniPCStep:
     sigma 0.001 without a corrector (into the schedule's last sigma when that is not 0) and returns
     v / alpha. schedule: the run's sigmas (the orders depend on its length). One call per step."""
 
-    CALLS_PER_STEP = CALLS_TO_ZERO = 1
-
-    @classmethod
-    def model_calls(cls, sigma, sigma_next):
+    @staticmethod
+    def model_calls(sigma, sigma_next):
         return 1
 
     def __init__(self, schedule, variant="bh1"):

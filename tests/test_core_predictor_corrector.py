@@ -4,7 +4,7 @@ branch is not moved at all. (Bit-identity with ComfyUI's uni_pc and sa_solver: t
 import pytest
 import torch
 
-from amdm_core import SASolverStep, UniPCStep
+from amdm_core import SASolverStep, UniPCStep, expected_model_calls, run_lockstep
 
 SIGMAS = torch.tensor([14.6, 6.0, 2.5, 0.9, 0.0])
 
@@ -54,3 +54,23 @@ def test_a_zero_displacement_leaves_the_corrected_latent_where_it_was():
 def test_unipc_refuses_an_unknown_variant():
     with pytest.raises(ValueError, match="unknown UniPC variant 'bh3'"):
         UniPCStep(SIGMAS, "bh3")
+
+
+@pytest.mark.parametrize("pece", [False, True])
+def test_model_calls_of_a_lockstep_run_are_the_steps_own_count(pece):
+    sigmas = torch.tensor([14.6, 6.0, 2.5, 0.9, 0.3, 0.0])
+    lambdas = -sigmas.clamp(min=1e-4).log()
+    makers = {
+        "uni_pc": lambda k: UniPCStep(sigmas),
+        "sa_solver": lambda k: SASolverStep(lambda s, t: torch.zeros(1, 4, 8, 8), sigmas, lambdas, tau=lambda sigma: 0.0,
+                                            adams_coefficients=lambda sigma, ls, s, t, tau, simple, is_corrector_step:
+                                            torch.full((len(ls),), 0.5 / len(ls)), pece=pece),
+    }
+    gen = torch.Generator().manual_seed(2)
+    denoisers = [fixed_denoiser(torch.randn(1, 4, 8, 8, generator=gen)) for _ in range(2)]
+    init = [torch.randn(1, 4, 8, 8, generator=gen) * sigmas[0] for _ in range(2)]
+    for name, make in makers.items():
+        result = run_lockstep(denoisers, init, sigmas, aggregation_steps=2, weights=[0.5], mean_mode="exact",
+                              make_step=make)
+        assert torch.isfinite(result.x).all()
+        assert result.model_calls == expected_model_calls(sigmas, 2, 2, make(0).model_calls), name
