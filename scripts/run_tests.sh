@@ -8,7 +8,7 @@
 #   PARALLEL=0            one leg after the other, output unprefixed
 #   TESTS=...             the test files or folders (default tests, the whole suite)
 #   PYTEST_ARGS=...       extra pytest arguments for every leg, e.g. "-x" or "-k sampler"
-#   LEG_TIMEOUT=2400      seconds a leg may run; then pytest is interrupted, which prints the test that
+#   LEG_TIMEOUT=4200      seconds a leg may run; then pytest is interrupted, which prints the test that
 #                         was running and its traceback, and the leg fails
 #   COMFYUI_PATH=...      instead of the matrix, one leg against your own ComfyUI checkout in .venv
 set -uo pipefail
@@ -21,7 +21,7 @@ else
     LEGS=${LEGS:-"0.3.75 0.33.0"}
 fi
 PARALLEL=${PARALLEL:-1}
-LEG_TIMEOUT=${LEG_TIMEOUT:-2400}
+LEG_TIMEOUT=${LEG_TIMEOUT:-4200}
 # The tiny test models gain nothing from more threads; on a busy 2-core machine OpenMP's extra threads
 # made each model call ~10x slower. Servers the tests start inherit this.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1

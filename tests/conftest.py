@@ -14,6 +14,22 @@ sys.path.insert(0, REPO_ROOT)  # `harness` and the framework-free `amdm_core`
 from harness import runtime, tiny_models  # noqa: E402
 
 TINY_CHECKPOINT = "tiny_sd15.safetensors"
+_session = {}  # the pytest config and the test that is running
+
+
+def pytest_configure(config):
+    _session["config"] = config
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _session["running"] = nodeid
+
+
+def pytest_keyboard_interrupt(excinfo):
+    """scripts/run_tests.sh interrupts a leg that runs past LEG_TIMEOUT: say which test it was in."""
+    reporter = _session["config"].pluginmanager.get_plugin("terminalreporter") if "config" in _session else None
+    if reporter is not None and _session.get("running"):
+        reporter.write_line(f"[run_tests] interrupted in {_session['running']}")
 
 
 @pytest.fixture(scope="session")
