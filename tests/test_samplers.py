@@ -3,7 +3,8 @@ configs, plus SD1.5 patched to v-prediction):
 
 1. s = 0 is exactly the user's sampler: bit-identical to KSampler for every sampler (SD1.5 and SD3).
 2. The samplers AMDM reproduces exactly: one branch stepped by the pack's step objects equals KSampler bit
-   for bit (SD1.5 and SD3), so the per-branch state (noise stream, multistep history) is the sampler's own.
+   for bit (SD1.5 and SD3; the predictor-correctors also at 1 and 8 steps; SAMPLERs with the options the
+   custom-sampler nodes set), so the per-branch state (noise stream, multistep history) is the sampler's own.
 3. s >= 1 runs and stays finite for every sampler and family, with the model calls docs/nodes.md states.
 4. With a window, adaptive-step samplers and non-k-diffusion SAMPLERs are refused by their user-facing name
    before any model call.
@@ -20,6 +21,12 @@ import torch
 STEPS = 3
 REFUSED = ("dpm_fast", "dpm_adaptive")  # s = 0 runs them
 PREDICTOR_CORRECTORS = ("uni_pc", "uni_pc_bh2", "sa_solver", "sa_solver_pece")
+CUSTOM_SAMPLER_OPTIONS = [  # SAMPLERs with the options the custom-sampler nodes set
+    ("euler_ancestral", {"eta": 0.7, "s_noise": 0.9}),
+    ("lms", {"order": 3}),
+    ("dpmpp_2m_sde", {"eta": 0.8, "s_noise": 1.0, "solver_type": "heun"}),
+    ("sa_solver", {"predictor_order": 2, "corrector_order": 3, "s_noise": 0.8}),
+]
 FAMILIES = ("sd15", "sd15_v", "sdxl", "sd3", "flux")
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "nodes.md")
 
@@ -102,12 +109,18 @@ def test_exact_samplers_step_one_branch_exactly_as_ksampler(comfy, pack, pack_mo
     mismatches = []
     # The predictor-correctors' orders depend on the schedule's length: also a longer one (UniPC reaches
     # order 3 and slides its history, SA-Solver its order-4 corrector), and one step (UniPC makes no update).
-    runs = [(name, STEPS) for name in exact] + [(name, steps) for name in PREDICTOR_CORRECTORS for steps in (1, 8)]
-    for sampler_name, steps in runs:
+    runs = [(name, STEPS, None) for name in exact]
+    runs += [(name, steps, None) for name in PREDICTOR_CORRECTORS for steps in (1, 8)]
+    runs += [(name, STEPS, options) for name, options in CUSTOM_SAMPLER_OPTIONS]
+    for sampler_name, steps, options in runs:
         guider = comfy.samplers.CFGGuider(family["main"])
         guider.set_conds(family["conds"][0], family["conds"][1])
         guider.set_cfg(4.0)
-        sampler = comfy.samplers.sampler_object(sampler_name)
+        if options is None:
+            sampler = comfy.samplers.sampler_object(sampler_name)
+        else:  # as SamplerEulerAncestral, SamplerLMS, SamplerDPMPP_2M_SDE, SamplerSASolver build theirs
+            sampler = comfy.samplers.ksampler(sampler_name, options)
+            assert plan_module.plan_sampler(sampler).exact is not None, f"{sampler_name} {options}: not stepped exactly"
         # Each run gets its own copy: uni_pc writes into the sigmas it is given.
         sigmas = comfy.samplers.KSampler(family["main"], steps=steps, device="cpu", sampler=sampler_name,
                                          scheduler="simple").sigmas
@@ -120,7 +133,8 @@ def test_exact_samplers_step_one_branch_exactly_as_ksampler(comfy, pack, pack_mo
             stepped = guider.sample(noise, family["latent"]["samples"],
                                     guider_module.BranchCapture(run, sampler.inpaint_options), run_sigmas, seed=5)
         if not torch.equal(stepped, reference):
-            mismatches.append(f"{sampler_name}, {steps} steps ({float((stepped - reference).abs().max()):.2g})")
+            mismatches.append(f"{sampler_name} {options or ''}, {steps} steps "
+                              f"({float((stepped - reference).abs().max()):.2g})")
     assert not mismatches, f"{family_name}: the pack's steps differ from ComfyUI's sampler: {', '.join(mismatches)}"
 
 
