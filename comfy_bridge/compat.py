@@ -30,8 +30,12 @@ REQUIRED = (
     ("comfy.k_diffusion.sampling", "linear_multistep_coeff", ()),
     ("comfy.k_diffusion.sampling", "sigma_to_half_log_snr", ()),
     ("comfy.k_diffusion.deis", "get_deis_coeff_list", ()),
+    ("comfy.k_diffusion.sa_solver", "compute_stochastic_adams_b_coeffs", ()),
+    ("comfy.k_diffusion.sa_solver", "get_tau_interval_func", ()),
+    ("comfy.extra_samplers.uni_pc", "sample_unipc", ()),
+    ("comfy.extra_samplers.uni_pc", "sample_unipc_bh2", ()),
     # checks.py: families and schedules
-    ("comfy.model_sampling", "ModelSamplingDiscrete", ()),
+    ("comfy.model_sampling", "ModelSamplingDiscrete", ("percent_to_sigma",)),
     ("comfy.model_sampling", "CONST", ()),
     ("comfy.model_sampling", "EPS", ("noise_scaling",)),
 )
