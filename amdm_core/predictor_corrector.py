@@ -20,6 +20,11 @@ def _per_item(v, dims):
     return v[(...,) + (None,) * (dims - 1)]
 
 
+def _k_diffusion_scale(t, dims):
+    """sqrt(1 + t^2) per batch item: a k-diffusion latent at sigma t is its VP view times this."""
+    return (_per_item(t, dims) ** 2 + 1.0) ** 0.5
+
+
 def _log_alpha(t):
     """UniPC's VP view of a k-diffusion latent at sigma t: log alpha = log(1 / sqrt(1 + t^2))."""
     return 0.5 * torch.log(1 / ((t * t) + 1))
@@ -72,13 +77,13 @@ class UniPCStep:
         t = sigma.expand(x.shape[0])
         if self.index == 0:
             v = x / torch.sqrt(1.0 + sigma ** 2.0)
-            model_input = self._to_k_diffusion(v, t)
+            model_input = v * _k_diffusion_scale(t, dims)
         elif x is self.handed_out:
             v, model_input = self.predicted, x
         else:  # aggregated: its VP view; the model sees the aggregated latent itself
-            v, model_input = x / ((_per_item(t, dims) ** 2 + 1.0) ** 0.5), x
+            v, model_input = x / _k_diffusion_scale(t, dims), x
         denoised = denoise(model_input, t)
-        eps = (model_input - denoised) / t.view(t.shape[:1] + (1,) * (dims - 1))
+        eps = (model_input - denoised) / _per_item(t, dims)
         m = (v - _per_item(_std(t), dims) * eps) / _per_item(torch.exp(_log_alpha(t)), dims)
         if self.index == 0:
             corrected = v
@@ -90,25 +95,26 @@ class UniPCStep:
         self.corrected = corrected
         self.index += 1
         if self.steps == 1:  # ComfyUI's one-step UniPC makes no update: the latent only leaves VP
-            return v / torch.exp(_log_alpha(self._final_t(sigma_next))), denoised
+            return self._leave_vp(v, sigma_next), denoised
         j = self.index  # this step predicts the latent at schedule[j]
         final = j == self.steps
         order = j if j < self.order else min(self.order, self.steps + 1 - j)
         t_next = (self._final_t(sigma_next) if final else sigma_next).expand(x.shape[0])
         v_next = self._predict(corrected, t_next, order, corrector=not final, dims=dims)
         if final:
-            return v_next / torch.exp(_log_alpha(self._final_t(sigma_next))), denoised
+            return self._leave_vp(v_next, sigma_next), denoised
         self.predicted = v_next
-        self.handed_out = self._to_k_diffusion(v_next, t_next)
+        self.handed_out = v_next * _k_diffusion_scale(t_next, dims)
         return self.handed_out, denoised
 
     @staticmethod
     def _final_t(sigma_next):
         return torch.full_like(sigma_next, 0.001) if sigma_next == 0 else sigma_next
 
-    @staticmethod
-    def _to_k_diffusion(v, t):
-        return v * ((t.view(t.shape[:1] + (1,) * (v.dim() - 1)) ** 2 + 1.0) ** 0.5)
+    @classmethod
+    def _leave_vp(cls, v, sigma_next):
+        """The run's result, v / alpha at the last sigma (0.001 for a last 0), as ComfyUI returns it."""
+        return v / torch.exp(_log_alpha(cls._final_t(sigma_next)))
 
     def _predict(self, v, t, order, corrector, dims):
         (t_s, m_s) = self.history[-1]
