@@ -1,13 +1,14 @@
 """AMDM (Aggregation of Multiple Diffusion Models) as plain torch, with no ComfyUI import.
 
 schedule: every family's noise space <-> VP space, discrete timesteps; aggregation: per-item slerp and the N-branch
-merges; deviation: the pull-back step and its mean; steps: per-branch sampling steps (predictor_corrector: UniPC and
-SA-Solver); lockstep: the loop.
-The definition of correct is the project's spec (AMDM.md), restated in each function's docstring.
+merges; deviation: the pull-back step and its mean; lockstep: N sampler runs driven in lockstep and merged between
+their steps, and the dry run that maps where a sampler's steps begin; predictor_corrector: UniPC and SA-Solver as
+steps that carry a merge through their corrector.
+The definition of correct is docs/algorithm.md (the paper's equations), restated in each function's docstring.
 """
 from .aggregation import AGGREGATION_MODES, aggregate, lerp, slerp
 from .deviation import MEAN_MODES, deviation_correct, deviation_direction, reference_mean, resolve_mean_mode
-from .lockstep import LockstepResult, expected_model_calls, run_lockstep
+from .lockstep import LockstepError, LockstepResult, NotSteppable, StepMap, Turns, dry_run, map_steps, run_lockstep
 from .predictor_corrector import SASolverStep, UniPCStep
 from .schedule import (
     EPS_SPACE,
@@ -22,86 +23,35 @@ from .schedule import (
     timestep_of_sigma,
     to_vp,
 )
-from .steps import (
-    AncestralRFStep,
-    AncestralStep,
-    DDPMStep,
-    DEISStep,
-    DPM2AncestralRFStep,
-    DPM2AncestralStep,
-    DPM2Step,
-    DPMPP2MSDEStep,
-    DPMPP2MStep,
-    DPMPP2SAncestralRFStep,
-    DPMPP2SAncestralStep,
-    DPMPP3MSDEStep,
-    DPMPPSDEStep,
-    ERSDEStep,
-    EulerStep,
-    GradientEstimationStep,
-    HeunStep,
-    IPNDMStep,
-    IPNDMVStep,
-    LCMStep,
-    LMSStep,
-    ResMultistepStep,
-    ancestral_sigmas,
-    er_sde_noise_scaler,
-    half_log_snr,
-    lms_coefficient,
-    sigma_of_half_log_snr,
-)
 
 __all__ = [
     "AGGREGATION_MODES",
     "EPS_SPACE",
     "FLOW_SPACE",
     "MEAN_MODES",
-    "AncestralRFStep",
-    "AncestralStep",
-    "DDPMStep",
-    "DEISStep",
-    "DPM2AncestralRFStep",
-    "DPM2AncestralStep",
-    "DPM2Step",
-    "DPMPP2MSDEStep",
-    "DPMPP2MStep",
-    "DPMPP2SAncestralRFStep",
-    "DPMPP2SAncestralStep",
-    "DPMPP3MSDEStep",
-    "DPMPPSDEStep",
-    "ERSDEStep",
-    "EulerStep",
-    "GradientEstimationStep",
-    "HeunStep",
-    "IPNDMStep",
-    "IPNDMVStep",
-    "LCMStep",
-    "LMSStep",
+    "LockstepError",
     "LockstepResult",
     "NoiseSpace",
-    "ResMultistepStep",
+    "NotSteppable",
     "SASolverStep",
+    "StepMap",
+    "Turns",
     "UniPCStep",
     "aggregate",
     "alpha_bar_from_sigma",
-    "ancestral_sigmas",
     "ddim_uniform_sigmas",
     "deviation_correct",
     "deviation_direction",
-    "er_sde_noise_scaler",
-    "expected_model_calls",
+    "dry_run",
     "from_vp",
-    "half_log_snr",
     "lerp",
-    "lms_coefficient",
+    "map_steps",
     "one_step_alpha",
     "reference_mean",
     "resolve_mean_mode",
     "run_lockstep",
     "scaled_linear_sigma_table",
     "sigma_from_alpha_bar",
-    "sigma_of_half_log_snr",
     "slerp",
     "timestep_of_sigma",
     "to_vp",

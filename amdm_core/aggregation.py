@@ -1,4 +1,4 @@
-"""Spherical aggregation of branch latents (spec section 4).
+"""Spherical aggregation of branch latents (docs/algorithm.md, section 4).
 
 All math is per batch item (dim 0; batch items are never mixed), over the flattened item, in float32;
 the result has the input dtype.
@@ -49,8 +49,9 @@ def slerp(a, b, w):
 
     w is the weight of the SECOND argument: w = 0 returns a, w = 1 returns b (exactly).
     Guards: where 1 - |cos(theta)| < 1e-6 (near-parallel, and near-anti-parallel where the great circle
-    is undefined) or either item is (near) zero, the item falls back to (1 - w) a + w b, so the result
-    is always finite. w: a number or one weight per batch item. Result in a's dtype.
+    is undefined) or either item is (near) zero, the item falls back to the linear blend, computed as
+    a + w (b - a) so that equal items give back a exactly; the result is always finite. w: a number or one
+    weight per batch item. Result in a's dtype.
     """
     _check_pair(a, b)
     batch = a.shape[0]
@@ -66,9 +67,8 @@ def slerp(a, b, w):
     theta = torch.acos(cos)
     # Where the item is not spherical, use a harmless theta so that no 0/0 is ever formed.
     sin_theta = torch.where(spherical, torch.sin(theta), torch.ones_like(theta))
-    coef_a = torch.where(spherical, torch.sin((1.0 - w) * theta) / sin_theta, 1.0 - w)
-    coef_b = torch.where(spherical, torch.sin(w * theta) / sin_theta, w)
-    return (coef_a * a32 + coef_b * b32).reshape(a.shape).to(a.dtype)
+    great_circle = torch.sin((1.0 - w) * theta) / sin_theta * a32 + torch.sin(w * theta) / sin_theta * b32
+    return torch.where(spherical, great_circle, a32 + w * (b32 - a32)).reshape(a.shape).to(a.dtype)
 
 
 def aggregate(latents, weights, mode="sequential"):

@@ -1,4 +1,4 @@
-"""Deviation optimization (spec section 5, the paper's equation 10), in VP space, per batch item.
+"""Deviation optimization (docs/algorithm.md, section 5: the paper's equation 10), in VP space, per batch item.
 
 After aggregation every branch k is pulled from the aggregate xbar a fixed distance p_k back toward
 its own mean mu_k (one normalised gradient-ascent step on log N(x; mu_k, .)):

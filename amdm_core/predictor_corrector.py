@@ -3,14 +3,16 @@
 Both evaluate the model at their *predicted* latent x^p_i, then correct the latent of step i from the
 previous corrected latent and that evaluation, and predict x^p_{i+1} from the corrected one. As an AMDM
 step (same call as steps.py), step i is handed the latent the model sees at sigma_i, makes the call,
-corrects, predicts, and returns x^p_{i+1}. Aggregation replaces the x^p_i a branch carries; the corrector
-would rebuild the latent from x^c_{i-1} and keep only the model's answer at the aggregated latent, so the
-step carries the aggregation's displacement through (docs/algorithm.md, "Predictor-correctors"):
+corrects, predicts, and returns x^p_{i+1}. Aggregation replaces the x^p_i a branch carries (the lockstep
+writes the merged latent into the tensor the step handed out, during the step's first model call); the
+corrector would rebuild the latent from x^c_{i-1} and keep only the model's answer at the aggregated latent,
+so the step carries the aggregation's displacement through (docs/algorithm.md, "Predictor-correctors"):
 
     x^c_i = corrector(x^c_{i-1}, history, D_i) + (x_i - x^p_i)
 
-x_i: the latent the step is given. A branch that was not aggregated is handed back its own x^p_i, the
-displacement is skipped, and a whole run equals the sampler bit for bit (operation order as in ComfyUI).
+x_i: the latent the model saw. Where it still holds the x^p_i the step handed out (compared by value after
+the call), the displacement is skipped and a whole run equals the sampler bit for bit (operation order as in
+ComfyUI).
 """
 import torch
 
@@ -56,10 +58,6 @@ class UniPCStep:
     sigma 0.001 without a corrector (into the schedule's last sigma when that is not 0) and returns
     v / alpha. schedule: the run's sigmas (the orders depend on its length). One call per step."""
 
-    @staticmethod
-    def model_calls(sigma, sigma_next):
-        return 1
-
     def __init__(self, schedule, variant="bh1"):
         if variant not in ("bh1", "bh2"):
             raise ValueError(f"unknown UniPC variant {variant!r}; use 'bh1' or 'bh2'")
@@ -70,7 +68,7 @@ class UniPCStep:
         self.history = []  # (t, m) of the last `order` evaluations
         self.corrected = None  # v^c of the previous step
         self.pending = None  # what the next step's corrector needs of this step's prediction
-        self.predicted = self.handed_out = None
+        self.predicted = self.handed_out = None  # handed_out: a copy of the latent the last step returned
 
     def __call__(self, x, denoise, sigma, sigma_next):
         dims = x.dim()
@@ -78,11 +76,12 @@ class UniPCStep:
         if self.index == 0:
             v = x / torch.sqrt(1.0 + sigma ** 2.0)
             model_input = v * _k_diffusion_scale(t, dims)
-        elif x is self.handed_out:
-            v, model_input = self.predicted, x
-        else:  # aggregated: its VP view; the model sees the aggregated latent itself
-            v, model_input = x / _k_diffusion_scale(t, dims), x
+        else:
+            model_input = x
         denoised = denoise(model_input, t)
+        if self.index > 0:
+            # aggregated: its VP view (the model saw the aggregated latent itself)
+            v = self.predicted if torch.equal(x, self.handed_out) else x / _k_diffusion_scale(t, dims)
         eps = (model_input - denoised) / _per_item(t, dims)
         m = (v - _per_item(_std(t), dims) * eps) / _per_item(torch.exp(_log_alpha(t)), dims)
         if self.index == 0:
@@ -104,8 +103,9 @@ class UniPCStep:
         if final:
             return self._leave_vp(v_next, sigma_next), denoised
         self.predicted = v_next
-        self.handed_out = v_next * _k_diffusion_scale(t_next, dims)
-        return self.handed_out, denoised
+        handed_out = v_next * _k_diffusion_scale(t_next, dims)
+        self.handed_out = handed_out.clone()
+        return handed_out, denoised
 
     @staticmethod
     def _final_t(sigma_next):
@@ -180,7 +180,6 @@ class SASolverStep:
                  corrector_order=4, pece=False, simple_order_2=False):
         self.noise_sampler = noise_sampler
         self.steps = len(schedule) - 1
-        self.first_sigma = float(schedule[0])
         self.lower_order_to_end = float(schedule[-1]) == 0
         self.lambdas = lambdas
         self.tau = tau
@@ -192,12 +191,9 @@ class SASolverStep:
         self.simple_order_2 = simple_order_2
         self.index = 0
         self.predictions = []
-        self.corrected = self.previous_sigma = self.handed_out = None
+        self.corrected = self.previous_sigma = None
+        self.handed_out = None  # a copy of the latent the last step returned
         self.h = self.tau_t = self.noise = 0.0
-
-    def model_calls(self, sigma, sigma_next):
-        """One per step; PECE adds one wherever it corrects (every step but the first)."""
-        return 2 if self.pece and float(sigma) != self.first_sigma else 1
 
     def __call__(self, x, denoise, sigma, sigma_next):
         i, lambdas = self.index, self.lambdas
@@ -220,7 +216,7 @@ class SASolverStep:
                          + torch.tensordot(history, b, dims=([1], [0])))
             if self.tau_t > 0 and self.s_noise > 0:
                 corrected = corrected + self.noise
-            if x is not self.handed_out:
+            if not torch.equal(x, self.handed_out):
                 corrected = corrected + (x - self.handed_out)
             if self.pece:
                 denoised = denoise(corrected, sigma * s_in)
@@ -240,5 +236,5 @@ class SASolverStep:
             self.noise = (self.noise_sampler(sigma, sigma_next) * sigma_next
                           * (-2 * self.tau_t ** 2 * self.h).expm1().neg().sqrt() * self.s_noise)
             predicted = predicted + self.noise
-        self.handed_out = predicted
+        self.handed_out = predicted.clone()
         return predicted, first

@@ -12,8 +12,8 @@ mean; on-distribution samples sit at about 1.
 
 Three parts, every one with the same targets (every (p, c) equally often) and the same initial noises
 (seed 0 for the main branch, seed 1 for the aux branch: what KSampler and the AMDM node draw):
-1. core: amdm_core.run_lockstep directly on SD1.5's sigma table, ddim_uniform spacing, T = 50 Euler (=
-   DDIM eta 0) steps; the full (aggregation, w, p, s) grid.
+1. core: amdm_core.run_lockstep directly on SD1.5's sigma table, ddim_uniform spacing, T = 50 steps of
+   ComfyUI's own Euler sampler (= DDIM eta 0) per branch; the full (aggregation, w, p, s) grid.
 2. node vs core: the same settings through ComfyUI, i.e. the exact-mixture models as ComfyUI MODELs
    (harness/exact_mixture_comfy.py), their prompts as CONDITIONING, sampled by KSampler and the AMDM
    Aggregate Sampler node, next to amdm_core on the same sigmas, for the eps variant (SD1.5 schedule,
@@ -106,6 +106,30 @@ FAMILY_SCALES = {"eps": lambda sigma: (torch.ones_like(sigma), sigma), "flow": l
 FAMILY_SPACES = {"eps": amdm_core.EPS_SPACE, "flow": amdm_core.FLOW_SPACE}
 
 
+def euler_run(denoise, x, sigmas):
+    """One branch for amdm_core.run_lockstep: ComfyUI's own Euler sampler (DDIM eta 0 in sigma space) with
+    its model calls routed through the lockstep's hooks."""
+    from comfy.k_diffusion import sampling
+
+    def sample(hooks):
+        def model(latent, sigma):
+            return hooks.model(latent, sigma, denoise)
+
+        def report(step):
+            hooks.report(step["i"], step["denoised"])
+
+        return hooks.returned(sampling.sample_euler(model, x, sigmas, callback=report, disable=True))
+
+    return sample
+
+
+def lockstep(denoisers, starts, sigmas, **settings):
+    """amdm_core.run_lockstep over one Euler run per branch; returns the main branch's result."""
+    runs = [euler_run(denoise, x, sigmas) for denoise, x in zip(denoisers, starts)]
+    step_map = amdm_core.map_steps(runs[0], len(sigmas) - 1, lambda x, sigma, call: x)
+    return amdm_core.run_lockstep(runs, step_map, final_sigma=sigmas[-1], **settings).x
+
+
 class Core:
     """amdm_core.run_lockstep on the exact denoisers of one family."""
 
@@ -120,18 +144,15 @@ class Core:
 
     def alone(self, branch, guidance=GUIDANCE):
         model = self.models[guidance][branch]
-        result = amdm_core.run_lockstep([model], [self.start(self.problem.noise[0])], self.sigmas, aggregation_steps=0,
-                                        weights=[], space=FAMILY_SPACES[self.family], mean_mode="exact")
-        return result.x
+        return lockstep([model], [self.start(self.problem.noise[0])], self.sigmas, aggregation_steps=0, weights=[],
+                        space=FAMILY_SPACES[self.family], mean_mode="exact")
 
     def amdm(self, s, w, p, aggregation="sequential", mean_mode=None, shared_noise=False, guidance=GUIDANCE):
         aux_noise = self.problem.noise[0] if shared_noise else self.problem.noise[1]
-        result = amdm_core.run_lockstep(
-            list(self.models[guidance]), [self.start(self.problem.noise[0]), self.start(aux_noise)], self.sigmas,
-            aggregation_steps=s, weights=[w], aggregation=aggregation, deviation_steps=p,
-            mean_mode=mean_mode or VARIANTS[self.family]["mean_mode"], sigma_table=self.table,
-            space=FAMILY_SPACES[self.family])
-        return result.x
+        return lockstep(list(self.models[guidance]), [self.start(self.problem.noise[0]), self.start(aux_noise)],
+                        self.sigmas, aggregation_steps=s, weights=[w], aggregation=aggregation, deviation_steps=p,
+                        mean_mode=mean_mode or VARIANTS[self.family]["mean_mode"], sigma_table=self.table,
+                        space=FAMILY_SPACES[self.family])
 
 
 class Node:
@@ -178,9 +199,9 @@ def run_core(problem):
     table = amdm_core.scaled_linear_sigma_table()
     core = Core(problem, "eps", amdm_core.ddim_uniform_sigmas(table, STEPS), table)
     baselines = {
-        "unconditional mixture": problem.score(amdm_core.run_lockstep(
+        "unconditional mixture": problem.score(lockstep(
             [core_denoiser(problem, (), FAMILY_SCALES["eps"], 1.0)], [core.start(problem.noise[0])], core.sigmas,
-            aggregation_steps=0, weights=[], mean_mode="exact").x),
+            aggregation_steps=0, weights=[], mean_mode="exact")),
         "A alone (knows position)": problem.score(core.alone(0)),
         "B alone (knows colour)": problem.score(core.alone(1)),
         "A alone, guidance 1": problem.score(core.alone(0, guidance=1.0)),

@@ -12,9 +12,10 @@ def cond_models(guider):
     return models
 
 
-def _patch_state(patcher):
+def weight_state(patcher):
     """What a patcher writes INTO the shared module at load: weight patches (by uuid), object patches and
-    injections. Two clones with equal states can run interleaved without any re-load."""
+    injections. Two clones of one BaseModel with equal states compute with the same weights: they can run
+    interleaved without any re-load, and share a forward."""
     weights = patcher.patches_uuid if (patcher.patches or patcher.weight_wrapper_patches) else None
     objects = tuple(sorted((name, id(obj)) for name, obj in patcher.object_patches.items()))
     return weights, objects, tuple(sorted(patcher.injections)), patcher.force_cast_weights
@@ -33,7 +34,7 @@ def check_switchable(patchers):
     for index, patcher in enumerate(patchers):
         groups.setdefault(id(patcher.model), []).append((index, patcher))
     for members in groups.values():
-        if len({_patch_state(p) for _, p in members}) > 1 and any(_is_dynamic(p) for _, p in members):
+        if len({weight_state(p) for _, p in members}) > 1 and any(_is_dynamic(p) for _, p in members):
             names = " and ".join(branch_name(i) for i, _ in members)
             raise AMDMInputError(
                 f"{names} are clones of one model with different weight patches (e.g. a LoRA on one of them) under "
@@ -52,14 +53,14 @@ class PatcherSwitch:
     def __init__(self, patchers):
         states = {}
         for patcher in patchers:
-            states.setdefault(id(patcher.model), set()).add(_patch_state(patcher))
+            states.setdefault(id(patcher.model), set()).add(weight_state(patcher))
         self._needs_reload = {model_id for model_id, s in states.items() if len(s) > 1}
         self._live = {}
 
     def activate(self, patcher):
         model = patcher.model
         if id(model) in self._needs_reload:
-            state = _patch_state(patcher)
+            state = weight_state(patcher)
             if self._live.get(id(model)) != state:
                 # A fully loaded model stays fully loaded (what LoadedModel.model_load asks for); a partially
                 # loaded one keeps its current budget.

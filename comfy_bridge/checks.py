@@ -6,6 +6,7 @@ import torch
 from ..amdm_core import NoiseSpace, resolve_mean_mode
 from .settings import AMDMInputError, branch_name
 
+
 def _describe_format(latent_format):
     return f"{type(latent_format).__name__} ({latent_format.latent_channels} channels)"
 
@@ -122,8 +123,17 @@ def check_run(sigmas, latent_image, model_sampling, latent_format, aggregation_s
     if latent_image.is_nested:
         raise AMDMInputError("nested (multi-part) latents, as audio-video families use, are not supported by "
                              "AMDM; sample one latent")
-    if latent_image.ndim < 3:
-        raise AMDMInputError(f"AMDM samples latents [batch, channels, ...]; got shape {tuple(latent_image.shape)}")
+    dimensions = getattr(latent_format, "latent_dimensions", 2)
+    if latent_image.ndim != dimensions + 2:
+        expected = {1: "[batch, channels, length]", 2: "[batch, channels, height, width]",
+                    3: "[batch, channels, frames, height, width]"}.get(dimensions, f"{dimensions + 2}-D")
+        raise AMDMInputError(
+            f"the latent has shape {tuple(latent_image.shape)} ({latent_image.ndim}-D), but the models' latent format "
+            f"{_describe_format(latent_format)} samples {expected} latents; make the latent with this model "
+            "family's empty-latent node or VAE")
+    if latent_image.shape[0] == 0:
+        raise AMDMInputError(f"the latent has shape {tuple(latent_image.shape)}: an empty batch; give at least one "
+                             "latent (batch_size >= 1)")
     if latent_image.shape[1] != latent_format.latent_channels:
         raise AMDMInputError(
             f"the latent has shape {tuple(latent_image.shape)}, {latent_image.shape[1]} channels, but the models' "
@@ -135,3 +145,19 @@ def check_run(sigmas, latent_image, model_sampling, latent_format, aggregation_s
         except ValueError as error:
             raise AMDMInputError(f"{error}; AMDM cannot aggregate this model's latents") from None
     return total
+
+
+_MAX_SEED = 2**64 - 1
+
+
+def check_seeds(sampler, name, seeds):
+    """A SAMPLER whose inpaint option "random" re-seeds torch with seed + 1 ("ddim") cannot take the seed
+    2^64 - 1 (ComfyUI fails with "Overflow when unpacking long long"); seeds[k] is branch k's seed."""
+    if not getattr(sampler, "inpaint_options", {}).get("random", False):
+        return
+    for index, seed in enumerate(seeds):
+        if seed is not None and int(seed) == _MAX_SEED:
+            which = "the seed" if index == 0 else f"{branch_name(index)}'s noise seed (seed + {index})"
+            raise AMDMInputError(
+                f"{which} is {_MAX_SEED}, but sampler {name!r} re-seeds with seed + 1, which overflows; use a seed "
+                f"below {_MAX_SEED - len(seeds) + 1}")

@@ -8,9 +8,10 @@ import importlib
 import inspect
 
 REQUIRED = (
-    # guider.py: every branch runs its guider's own sample() with a capturing KSAMPLER
+    # guider.py: every branch runs its guider's own sample() with a capturing SAMPLER
     ("comfy.samplers", "CFGGuider", ("sample", "outer_sample", "inner_sample", "set_conds", "set_cfg",
                                      "predict_noise")),
+    ("comfy.samplers", "Sampler", ("sample", "max_denoise")),
     ("comfy.samplers", "KSAMPLER", ("sample", "max_denoise")),
     ("comfy.samplers", "KSampler", ("SAMPLERS", "SCHEDULERS")),
     ("comfy.samplers", "sampler_object", ()),
@@ -23,24 +24,19 @@ REQUIRED = (
     ("comfy.model_management", "throw_exception_if_processing_interrupted", ()),
     ("comfy.model_management", "intermediate_device", ()),
     ("latent_preview", "prepare_callback", ()),
-    # sampler_plan.py: noise sources and helpers of the k-diffusion samplers
+    # predictor_correctors.py: what the pack's own UniPC / SA-Solver set up as ComfyUI's functions do
+    ("comfy.k_diffusion.sampling", "trange", ()),
     ("comfy.k_diffusion.sampling", "default_noise_sampler", ()),
-    ("comfy.k_diffusion.sampling", "BrownianTreeNoiseSampler", ()),
     ("comfy.k_diffusion.sampling", "offset_first_sigma_for_snr", ()),
-    ("comfy.k_diffusion.sampling", "linear_multistep_coeff", ()),
     ("comfy.k_diffusion.sampling", "sigma_to_half_log_snr", ()),
-    ("comfy.k_diffusion.deis", "get_deis_coeff_list", ()),
-    ("comfy.k_diffusion.sa_solver", "compute_stochastic_adams_b_coeffs", ()),
-    ("comfy.k_diffusion.sa_solver", "get_tau_interval_func", ()),
-    ("comfy.extra_samplers.uni_pc", "sample_unipc", ()),
-    ("comfy.extra_samplers.uni_pc", "sample_unipc_bh2", ()),
     # checks.py: families and schedules
     ("comfy.model_sampling", "ModelSamplingDiscrete", ("percent_to_sigma",)),
     ("comfy.model_sampling", "CONST", ()),
     ("comfy.model_sampling", "EPS", ("noise_scaling",)),
 )
-# KSAMPLER.sample builds the branch denoiser, then calls sampler_function(model, x, sigmas, extra_args=,
-# callback=, disable=): the capture relies on these parameter names.
+# A guider's inner_sample calls sampler.sample(guider, sigmas, extra_args, callback, noise, latent_image,
+# denoise_mask, disable_pbar) positionally; a KSAMPLER's sample then calls its sampler_function(model, x, sigmas,
+# extra_args=, callback=, disable=, **extra_options): the capture and the driving rely on this order.
 KSAMPLER_SAMPLE_PARAMETERS = ("model_wrap", "sigmas", "extra_args", "callback", "noise", "latent_image",
                               "denoise_mask", "disable_pbar")
 

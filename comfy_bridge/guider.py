@@ -1,18 +1,21 @@
-"""AMDMGuider: several branches sampled in lockstep, each prepared by its own guider's stock path.
+"""AMDMGuider: several branches sampled in lockstep, each prepared by its own guider's stock path and stepped
+by the user's own sampler.
 
-The seam (docs/nodes.md, "Design"): every branch, the main one and each aux one, runs its OWN guider's
-`sample()` exactly as SamplerCustomAdvanced would run it, with a `BranchCapture` in place of the user's
-SAMPLER. ComfyUI's stock path prepares the branch (cond copies, hooks, model_options clone,
+The seam (docs/nodes.md, "How it runs inside ComfyUI"): every branch, the main one and each aux one, runs its
+OWN guider's `sample()` exactly as SamplerCustomAdvanced would run it, with a `_Capture` in place of the
+user's SAMPLER. ComfyUI's stock path prepares the branch (cond copies, hooks, model_options clone,
 `prepare_model_patcher`, OUTER_SAMPLE / SAMPLER_SAMPLE wrappers, `prepare_sampling`, `pre_run`,
-`process_conds`, a guider's own `outer_sample` / `inner_sample` overrides, noise scaling) and hands the
-capture its denoiser; the capture records it and opens the next branch's `sample()` inside it. The
-innermost capture runs amdm_core.run_lockstep over all recorded denoisers; the result unwinds through
-every branch's own `finally` cleanup. No sequence of ComfyUI's sampling code is copied here.
+`process_conds`, a guider's own `outer_sample` / `inner_sample` overrides) and hands the capture what it
+hands any sampler; the capture records it and opens the next branch's `sample()` inside it. The innermost
+capture runs the user's SAMPLER for every branch (comfy_bridge.driving) in amdm_core.run_lockstep, which acts
+between its steps; the results unwind through every branch's own `finally` cleanup. No sequence of ComfyUI's
+sampling code is copied here.
 
 The aux patchers are attached to a clone of the main patcher as additional models, so the main branch's
 `prepare_sampling` loads every branch in ONE `load_models_gpu` call; the nested calls find them loaded.
 """
 import copy
+import functools
 
 import comfy.model_management
 import comfy.sample
@@ -21,121 +24,139 @@ import comfy.utils
 import latent_preview
 import torch
 
-from ..amdm_core import run_lockstep
-from .branches import PatcherSwitch, check_switchable, cond_models
-from .checks import (check_compatible, check_guider, check_mean_mode, check_no_hooks, check_run, ddpm_sigma_table,
-                     noise_space)
-from .sampler_plan import plan_sampler
-from .settings import AMDMInputError, branch_name, check_cfg
+from ..amdm_core import NotSteppable, dry_run, map_steps, run_lockstep
+from .batching import BatchedEvaluation
+from .branches import PatcherSwitch, check_switchable, cond_models, weight_state
+from .checks import (check_compatible, check_guider, check_mean_mode, check_no_hooks, check_run, check_seeds,
+                     ddpm_sigma_table, noise_space)
+from .driving import driven, dry_denoiser, sampler_display_name, without_own_noise_sampler
+from .predictor_correctors import own_predictor_corrector
+from .settings import AMDMInputError, branch_name, check_cfg, check_denoise
 
 ADDITIONAL_MODELS_KEY = "amdm_branches"
 
 
-class _Branch:
-    """What one branch's stock path handed its capture: the denoiser (KSamplerX0Inpaint over the branch's
-    prepared guider), its start latent (noise already scaled for sigma_0) and its extra_args."""
+class _Captured:
+    """What one branch's stock path handed its sampler (CFGGuider.inner_sample: `sampler.sample(guider,
+    sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)`)."""
 
-    def __init__(self, denoiser, x, extra_args, callback):
-        self.denoiser = denoiser
-        self.x = x
+    def __init__(self, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar):
+        self.model_wrap = model_wrap
+        self.sigmas = sigmas
         self.extra_args = extra_args
         self.callback = callback
-        self.patcher = denoiser.inner_model.model_patcher
+        self.noise = noise
+        self.latent_image = latent_image
+        self.denoise_mask = denoise_mask
+        self.disable_pbar = disable_pbar
 
-    def __call__(self, x, sigma):
-        return self.denoiser(x, sigma, **self.extra_args)
+    @property
+    def patcher(self):
+        return self.model_wrap.model_patcher
+
+    def sample(self, sampler, hooks, dry=False):
+        """Run `sampler` on this branch with its model calls through `hooks`; a dry run works on copies of
+        what the sampler may change (its sigmas, extra_args) and reports to the hooks only."""
+        user_callback = None if dry else self.callback
+
+        def callback(step, denoised, x, total_steps):
+            hooks.report(step, denoised)
+            if user_callback is not None:
+                return user_callback(step, denoised, x, total_steps)
+
+        sigmas, extra_args = (self.sigmas.clone(), dict(self.extra_args)) if dry else (self.sigmas, self.extra_args)
+        return driven(sampler, hooks).sample(self.model_wrap, sigmas, extra_args, callback, self.noise,
+                                             self.latent_image, self.denoise_mask, dry or self.disable_pbar)
+
+
+class _Capture(comfy.samplers.Sampler):
+    """The SAMPLER each branch's own `guider.sample()` runs: it hands what it is given to the run."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        return self.run.enter(_Captured(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
+                                        disable_pbar))
+
+
+def _rng_devices(latent):
+    return [latent.device] if latent.device.type == "cuda" else []
 
 
 class _LockstepRun:
-    """One AMDM run: opens the branches one inside the other, then runs the loop in the innermost."""
+    """One AMDM run: opens the branches one inside the other, then runs them in the innermost."""
 
-    def __init__(self, aux_guiders, aux_noise, aux_seeds, latent_image, sigmas, denoise_mask, plan, settings):
+    def __init__(self, aux_guiders, aux_noise, aux_seeds, latent_image, sigmas, denoise_mask, sampler, settings):
         self.aux_guiders = aux_guiders
         self.aux_noise = aux_noise
         self.aux_seeds = aux_seeds
         self.latent_image = latent_image
         self.sigmas = sigmas
         self.denoise_mask = denoise_mask
-        self.plan = plan
+        self.sampler = sampler
         self.settings = settings
         self.branches = []
-        self.final = None  # every branch's latent when the run ends
-        self.aux_denoised = []  # each aux branch's last x0 estimate
+        self.latents = None  # every branch's latent when the run ends
+        self.aux_denoised = []  # each aux branch's x0 estimate of its last step
 
-    def enter(self, branch):
-        """Called by each branch's capture with its prepared denoiser; returns that branch's final latent."""
-        self.branches.append(branch)
+    def enter(self, captured):
+        """Called by each branch's capture; returns that branch's latent."""
+        self.branches.append(captured)
         index = len(self.branches)
         if index <= len(self.aux_guiders):
             # The next branch's own stock sample(), nested in this one: its preparation and cleanup are
-            # ComfyUI's; its capture calls enter() again. Inpaint noise is the branch's own noise (a
-            # "random" inpaint option would re-seed torch's global generator for every branch).
+            # ComfyUI's; its capture calls enter() again. Its own copy of the sigmas: some samplers write
+            # into theirs (uni_pc).
             guider = copy.copy(self.aux_guiders[index - 1])
-            guider.sample(self.aux_noise[index - 1], self.latent_image, BranchCapture(self, {}), self.sigmas,
+            guider.sample(self.aux_noise[index - 1], self.latent_image, _Capture(self), self.sigmas.clone(),
                           denoise_mask=self.denoise_mask, callback=None, disable_pbar=True,
                           seed=self.aux_seeds[index - 1])
         else:
-            self.final = self._run()
-        return self.final[index - 1]
+            self.latents = self._run()
+        return self.latents[index - 1]
 
     @torch.no_grad()
     def _run(self):
         branches = self.branches
         main = branches[0]
-        sigmas = main.denoiser.sigmas
-        model_sampling = main.denoiser.inner_model.inner_model.model_sampling
-        switch = PatcherSwitch([b.patcher for b in branches])
-        step_denoised = {}  # each branch's x0 estimate at the start of its latest step
+        model_sampling = main.model_wrap.inner_model.model_sampling
+        denoise = dry_denoiser(main.model_wrap, _post_cfg_functions(main))
+        devices = _rng_devices(main.noise)
 
-        def denoiser(branch):
-            def denoise(x, sigma):
-                switch.activate(branch.patcher)
-                return branch(x, sigma)
-            return denoise
+        def dry_result(sampler):
+            return dry_run(functools.partial(main.sample, sampler, dry=True), denoise, devices).result
 
-        def recorded(index, step):
-            def run_step(x, denoise, sigma, sigma_next):
-                x_next, step_denoised[index] = step(x, denoise, sigma, sigma_next)
-                return x_next, step_denoised[index]
-            return run_step
-
-        def on_step(i, denoised, x_now):
-            if main.callback is not None:
-                main.callback({"i": i, "denoised": denoised, "x": x_now, "sigma": sigmas[i], "sigma_hat": sigmas[i]})
-
-        plan, settings = self.plan, self.settings
-        denoisers = [denoiser(b) for b in branches]
-        steps = [recorded(k, plan.make_step(k, b, sigmas, model_sampling)) for k, b in enumerate(branches)]
-        window = min(int(settings.aggregation_steps), sigmas.shape[-1] - 2)
+        # the user's SAMPLER, or the pack's own predictor-corrector where a dry run proves them equal
+        sampler = own_predictor_corrector(self.sampler, dry_result, sampler_display_name(self.sampler)) or self.sampler
+        samplers = [sampler] + [without_own_noise_sampler(sampler)] * (len(branches) - 1)
+        try:
+            step_map = map_steps(functools.partial(main.sample, sampler, dry=True), main.sigmas.shape[-1] - 1, denoise,
+                                 devices)
+        except NotSteppable as error:
+            raise AMDMInputError(f"sampler {sampler_display_name(self.sampler)!r} {error}") from None
+        patchers = [b.patcher for b in branches]
+        switch = PatcherSwitch(patchers)
+        evaluate = BatchedEvaluation(patchers, [weight_state(p) for p in patchers], switch)
+        settings = self.settings
         try:
             result = run_lockstep(
-                denoisers, [b.x for b in branches], plan.run_sigmas(sigmas, model_sampling),
+                [functools.partial(b.sample, s) for b, s in zip(branches, samplers)], step_map,
                 aggregation_steps=settings.aggregation_steps, weights=list(settings.weights),
                 aggregation=settings.aggregation, deviation_steps=settings.deviation_step,
                 mean_mode=settings.mean_mode, sigma_table=ddpm_sigma_table(model_sampling),
-                space=noise_space(model_sampling), make_step=lambda k: steps[k], callback=on_step,
+                space=noise_space(model_sampling), final_sigma=main.sigmas[-1], evaluate=evaluate,
                 check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
-                stop_after_window=plan.exact is None)
-            latents = list(result.branch_latents)
-            if plan.exact is None and window + 1 < sigmas.shape[-1] - 1:
-                latents[0] = plan.finish_main(main, latents[0], sigmas, window, main.callback, denoisers[0])
-            plan.finish_sigmas(sigmas)
+                rng_devices=devices)
         finally:
             switch.activate(main.patcher)  # the main branch's patches live again, as after its own run
-        self.aux_denoised = [step_denoised[k] for k in range(1, len(branches))]
-        return latents
+        self.aux_denoised = result.aux_denoised
+        return result.latents
 
 
-class BranchCapture(comfy.samplers.KSAMPLER):
-    """The SAMPLER one branch's own `guider.sample()` runs: KSAMPLER.sample builds the branch's denoiser
-    and start latent as for any sampler, then calls this function, which hands them to the run."""
-
-    def __init__(self, run, inpaint_options):
-        super().__init__(self._enter, extra_options={}, inpaint_options=inpaint_options)
-        self.run = run
-
-    def _enter(self, model, x, sigmas, extra_args=None, callback=None, disable=None):
-        return self.run.enter(_Branch(model, x, extra_args, callback))
+def _post_cfg_functions(captured):
+    return list(captured.extra_args.get("model_options", {}).get("sampler_post_cfg_function", []))
 
 
 class AMDMGuider(comfy.samplers.CFGGuider):
@@ -167,8 +188,8 @@ class AMDMGuider(comfy.samplers.CFGGuider):
 
     def _aux_noise(self, noise, latent_image, seed):
         """Noise per aux branch: 'independent' draws seed + k (a private generator, the same numbers as
-        KSampler with that seed); 'shared' reuses the main noise. All-zero main noise (add_noise off /
-        DisableNoise) stays zero for every branch."""
+        KSampler with that seed, at the batch positions the main noise took); 'shared' reuses the main noise.
+        All-zero main noise (add_noise off / DisableNoise) stays zero for every branch."""
         count = len(self.aux_guiders)
         if not torch.any(noise):
             return [torch.zeros_like(noise) for _ in range(count)], [seed] * count
@@ -177,33 +198,35 @@ class AMDMGuider(comfy.samplers.CFGGuider):
         if seed is None:
             raise AMDMInputError("noise 'independent' derives each aux branch's noise from the seed, but the NOISE "
                                  "input has no seed; use a RandomNoise node or noise 'shared'")
+        positions = self.noise_batch_index
+        if positions is None:
+            positions = noise_positions(noise, latent_image, seed)
         seeds = [(int(seed) + k) % 2**64 for k in range(1, count + 1)]
-        return [comfy.sample.prepare_noise_inner(latent_image, torch.Generator().manual_seed(s), self.noise_batch_index)
+        return [comfy.sample.prepare_noise_inner(latent_image, torch.Generator().manual_seed(s), positions)
                 for s in seeds], seeds
 
     def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
                seed=None):
+        self.last_aux_denoised = []
         if sigmas.shape[-1] == 0:
             return latent_image
         check_run(sigmas, latent_image, self.model_patcher.get_model_object("model_sampling"),
                   self.model_patcher.get_model_object("latent_format"), self.settings.aggregation_steps)
-        plan = plan_sampler(sampler)
         check_mean_mode(self.settings.mean_mode, self.model_patcher.get_model_object("model_sampling"))
         aux_noise, aux_seeds = self._aux_noise(noise, latent_image, seed)
+        check_seeds(sampler, sampler_display_name(sampler), [seed] + aux_seeds)
         if self.settings.is_no_op:
             return self._sample_main_alone(noise, latent_image, sampler, sigmas, denoise_mask, callback,
                                            disable_pbar, seed, aux_noise, aux_seeds)
-        plan.check_steppable()
         main = copy.copy(self.main_guider)
         main.model_patcher = self.main_guider.model_patcher.clone()
         attached = []
         for guider in self.aux_guiders:
             attached += [guider.model_patcher] + cond_models(guider)
         main.model_patcher.set_additional_models(ADDITIONAL_MODELS_KEY, attached)
-        run = _LockstepRun(self.aux_guiders, aux_noise, aux_seeds, latent_image, sigmas, denoise_mask, plan,
+        run = _LockstepRun(self.aux_guiders, aux_noise, aux_seeds, latent_image, sigmas, denoise_mask, sampler,
                            self.settings)
-        output = main.sample(noise, latent_image, BranchCapture(run, sampler.inpaint_options), sigmas, denoise_mask,
-                             callback, disable_pbar, seed)
+        output = main.sample(noise, latent_image, _Capture(run), sigmas, denoise_mask, callback, disable_pbar, seed)
         self.last_aux_denoised = run.aux_denoised
         return output
 
@@ -225,28 +248,46 @@ class AMDMGuider(comfy.samplers.CFGGuider):
         output = self.main_guider.sample(noise, latent_image, sampler, sigmas, denoise_mask, watch, disable_pbar,
                                          seed)
         for guider, branch_noise, branch_seed in zip(self.aux_guiders, aux_noise, aux_seeds):
-            evaluation = _DenoiseOnce(step, entering.get("x") if step > 0 else None)
-            copy.copy(guider).sample(branch_noise, latent_image, BranchCapture(evaluation, {}), sigmas,
-                                     denoise_mask, None, True, branch_seed)
-            self.last_aux_denoised.append(evaluation.denoised)
+            evaluated = []
+            copy.copy(guider).sample(branch_noise, latent_image, _denoise_once(step, entering.get("x"), evaluated),
+                                     sigmas, denoise_mask, None, True, branch_seed)
+            self.last_aux_denoised += evaluated
         return output
 
 
-class _DenoiseOnce:
-    """A capture target that evaluates one branch's denoiser once, at step `step`, on latent x (None: the
-    branch's own start latent), instead of sampling."""
+def _denoise_once(step, entering, evaluated):
+    """A SAMPLER that evaluates its branch's denoiser once, at step `step`, on the latent `entering` (None: the
+    branch's own start latent), and appends the x0 estimate to `evaluated` instead of sampling."""
+    def evaluate(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        latent = x if entering is None or step == 0 else entering.to(x)
+        evaluated.append(model(latent, sigmas[step] * latent.new_ones([latent.shape[0]]), **(extra_args or {})))
+        return x
 
-    def __init__(self, step, x):
-        self.step = step
-        self.x = x
-        self.denoised = None
+    return comfy.samplers.KSAMPLER(evaluate)
 
-    @torch.no_grad()
-    def enter(self, branch):
-        x = branch.x if self.x is None else self.x.to(branch.x)
-        sigma = branch.denoiser.sigmas[self.step]
-        self.denoised = branch(x, sigma * x.new_ones([x.shape[0]]))
-        return branch.x
+
+def noise_positions(noise, latent_image, seed, limit=4096):
+    """The batch_index the main noise was drawn with (a latent after Latent From Batch or Repeat Latent Batch
+    carries one; SamplerCustomAdvanced's NOISE honours it but a GUIDER is never shown it): each item's position
+    in `seed`'s stream of per-item draws (comfy.sample.prepare_noise_inner with noise_inds), found by drawing
+    that stream. None where the noise is the seed's plain draw, or not found within `limit` draws."""
+    if noise.shape != latent_image.shape or torch.equal(
+            noise, comfy.sample.prepare_noise_inner(latent_image, torch.Generator().manual_seed(seed))):
+        return None
+    count = 64
+    while True:
+        draws = comfy.sample.prepare_noise_inner(latent_image, torch.Generator().manual_seed(seed), list(range(count)))
+        positions = []
+        for item in noise:
+            found = [i for i in range(count) if torch.equal(draws[i], item)]
+            if not found:
+                break
+            positions.append(found[0])
+        else:
+            return positions
+        if count >= limit:
+            return None
+        count = min(2 * count, limit)
 
 
 def aggregate_sample(branches, latent, seed, steps, sampler_name, scheduler, denoise, settings):
@@ -265,6 +306,7 @@ def aggregate_sample(branches, latent, seed, steps, sampler_name, scheduler, den
         guiders.append(guider)
     amdm = AMDMGuider(guiders[0], guiders[1:], settings)
 
+    check_denoise(denoise)
     model = branches[0][0]
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     batch_index = latent.get("batch_index")

@@ -46,6 +46,14 @@ def check_deviation_step(value, name="deviation_step"):
     return p
 
 
+def check_denoise(denoise):
+    """denoise: a finite fraction of the schedule in [0, 1] (ComfyUI's validator lets NaN through)."""
+    value = _finite(denoise, "denoise")
+    if not 0.0 <= value <= 1.0:
+        raise AMDMInputError(f"denoise is {value}; it must lie in [0, 1] (1 = the whole schedule, below 1 for img2img)")
+    return value
+
+
 def check_cfg(value, name):
     return _finite(value, name)
 
@@ -58,7 +66,7 @@ def check_choice(value, choices, name):
 
 @dataclass(frozen=True)
 class AggregationSettings:
-    """The AMDM parameters shared by both sampler nodes (spec sections 3-5)."""
+    """The AMDM parameters shared by both sampler nodes (docs/algorithm.md, sections 2-5)."""
     aggregation_steps: int  # s: steps 1 .. s are aggregated; aux branches run steps 0 .. s
     weights: tuple  # one per aux branch, in [0, 1]
     aggregation: str = "paper"
@@ -68,7 +76,8 @@ class AggregationSettings:
 
     @property
     def is_no_op(self):
-        """True where aggregation changes nothing: s = 0, or every weight 0 with p = 0 (spec section 3)."""
+        """True where aggregation changes nothing: s = 0, or every weight 0 with p = 0 (docs/algorithm.md,
+        section 2)."""
         return int(self.aggregation_steps) == 0 or (
             all(float(w) == 0.0 for w in self.weights) and float(self.deviation_step) == 0.0)
 

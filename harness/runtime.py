@@ -99,3 +99,27 @@ def load_pack():
 def pack_module(relative_name):
     """Import a submodule of the loaded pack, e.g. ``pack_module("nodes.sampler")``."""
     return importlib.import_module(load_pack().__name__ + "." + relative_name)
+
+
+class UNetForwards:
+    """Counts the diffusion model's forward passes while it is entered (BaseModel.apply_model calls: cond and
+    uncond batched count once, so do branches that share a forward)."""
+
+    def __enter__(self):
+        import comfy.model_base
+
+        self.calls = 0
+        self._original = comfy.model_base.BaseModel.apply_model
+        original = self._original
+
+        def counted(model, *args, **kwargs):
+            self.calls += 1
+            return original(model, *args, **kwargs)
+
+        comfy.model_base.BaseModel.apply_model = counted
+        return self
+
+    def __exit__(self, *exc):
+        import comfy.model_base
+
+        comfy.model_base.BaseModel.apply_model = self._original

@@ -1,7 +1,6 @@
 """Input declarations of the AMDM settings, shared by the sampler nodes and the latent nodes (their allowed
 values and validation are in comfy_bridge.settings)."""
 from ..amdm_core import AGGREGATION_MODES, MEAN_MODES
-from ..comfy_bridge.sampler_plan import exact_sampler_names
 from ..comfy_bridge.settings import LATENT_MEAN_MODES, NOISE_MODES
 
 
@@ -14,11 +13,8 @@ def deviation_step_input(tooltip):
 
 
 def sampler_tooltip():
-    return ("AMDM steps every branch one step at a time. Reproduced exactly per branch (noise stream and "
-            f"multistep history): {', '.join(exact_sampler_names())}. Every other sampler is run by ComfyUI's "
-            "own function over one-step slices during the window (its multistep history restarts each window "
-            "step), then the main branch finishes with it. With s > 0, dpm_fast and dpm_adaptive (adaptive step sizes) "
-            "are refused. The table with model calls per sampler is in docs/nodes.md.")
+    return ("Any sampler: every branch runs the sampler's own code and AMDM merges between its steps. With s > 0, "
+            "samplers that choose their own step sizes (dpm_fast, dpm_adaptive) are refused.")
 
 
 def aggregation_inputs():

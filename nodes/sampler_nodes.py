@@ -8,7 +8,7 @@ from .inputs import aggregation_inputs, sampler_tooltip, weight_input
 
 CATEGORY = "sampling/amdm"
 AUX_BRANCHES = (2, 3, 4)  # branch 2 is required, 3 and 4 optional
-DEFAULT_WEIGHTS = {2: 0.5, 3: 0.6, 4: 0.5}  # reference UI: w1 = 0.5, w2 = 0.6 (spec section 6)
+DEFAULT_WEIGHTS = {2: 0.5, 3: 0.6, 4: 0.5}  # reference UI: w1 = 0.5, w2 = 0.6 (docs/algorithm.md, section 6)
 
 
 def _weight_input(branch):

@@ -33,6 +33,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from harness import runtime, tiny_models  # noqa: E402
+from harness.runtime import UNetForwards  # noqa: E402
 
 DEFAULT_WORKFLOW = "amdm_interactdiffusion_migc.json"
 
@@ -196,29 +197,6 @@ def prepare_files(workflow, base_dir, input_types, tiny, input_image):
             raise SystemExit(f"the workflow needs models/{folder}/{name}, which is not in --models-dir")
 
 
-class UNetCallCounter:
-    """Counts UNet forward passes (BaseModel.apply_model; cond and uncond batched count once)."""
-
-    def __enter__(self):
-        import comfy.model_base
-
-        self.calls = 0
-        self._original = comfy.model_base.BaseModel.apply_model
-        original = self._original
-
-        def counted(model, *args, **kwargs):
-            self.calls += 1
-            return original(model, *args, **kwargs)
-
-        comfy.model_base.BaseModel.apply_model = counted
-        return self
-
-    def __exit__(self, *exc):
-        import comfy.model_base
-
-        comfy.model_base.BaseModel.apply_model = self._original
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workflow", default=os.path.join(REPO_ROOT, "workflows", DEFAULT_WORKFLOW),
@@ -261,7 +239,7 @@ def main():
     prompt = ui_to_api(workflow, input_types)
 
     started = time.perf_counter()
-    with UNetCallCounter() as counter:
+    with UNetForwards() as counter:
         outputs, executor = run_graph(prompt)
     wall = time.perf_counter() - started
 
@@ -279,9 +257,9 @@ def main():
         "comfyui": runtime.comfyui_dir(),
         "wall_seconds": round(wall, 3),
         "unet_calls": counter.calls,
-        "unet_calls_note": "UNet forward passes of the whole graph (AMDM branches and the side output); "
-                           "cond and uncond share one pass (InteractDiffusion, MIGC and IP-Adapter all batch "
-                           "them)",
+        "unet_calls_note": "UNet forward passes of the whole graph: the AMDM branches share one per step, "
+                           "the side output KSampler makes its own; cond and uncond share one pass "
+                           "(InteractDiffusion, MIGC and IP-Adapter all batch them)",
         "node_seconds": {f"{nid} {prompt[nid]['class_type']}": sec for nid, sec in node_timings(executor).items()
                          if nid in prompt},
         "amdm_parameters": {nid: {"class_type": node["class_type"],

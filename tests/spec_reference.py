@@ -58,7 +58,7 @@ FAMILY_SCALES = {  # (a(sigma), b(sigma)) of x = a x0 + b eps
 }
 
 
-def reference_loop(denoisers, init, sigmas, s, weights, mode, p, mean_mode, table, family="eps"):
+def reference_loop(denoisers, init, sigmas, s, weights, mode, p, mean_mode, table, family="eps", sampler="ddim"):
     """The AMDM loop in the family's space x = a x0 + b eps, every branch by DDIM eta 0
     (y = a' D + b' eps, eps = (x - a D) / b), aggregated in steps 1 .. s on the VP latent x / sqrt(a^2 + b^2):
 
@@ -67,7 +67,10 @@ def reference_loop(denoisers, init, sigmas, s, weights, mode, p, mean_mode, tabl
               table's timestep nearest to sigma_{i-1} in log sigma; "exact": the branch's DDIM y_k in VP.
 
     denoisers[k](x float64 tensor, sigma [batch] float64 tensor) -> D; init: the start latents; p: one
-    value or one per branch. Returns every branch's final latent (float64 arrays)."""
+    value or one per branch; sampler "heun" (eps family): instead of DDIM, Heun's step
+    y = x + (sigma' - sigma)(eps + eps(y_euler, sigma')) / 2 (the Euler step y_euler into sigma' = 0), eps
+    and the means still from the step's first evaluation D(x, sigma) ("exact": the DDIM y_k). Returns
+    every branch's final latent (float64 arrays)."""
     sig = np.asarray(sigmas, dtype=np.float64)
     tab = None if table is None else np.asarray(table, dtype=np.float64)
     scales = FAMILY_SCALES[family]
@@ -77,17 +80,24 @@ def reference_loop(denoisers, init, sigmas, s, weights, mode, p, mean_mode, tabl
     prev_eps = [None] * n
     batch = x[0].shape[0]
     per_item = lambda v: v.reshape(batch, -1)  # noqa: E731
+
+    def denoise(k, latent, sigma):
+        return np.asarray(denoisers[k](torch.from_numpy(latent), torch.full((batch,), sigma, dtype=torch.float64)),
+                          dtype=np.float64)
+
     for i in range(len(sig) - 1):
         active = range(n) if i <= s else [0]
-        y, eps = list(x), list(prev_eps)
+        y, eps, ddim = list(x), list(prev_eps), list(x)
         a, b = scales(sig[i])
         a_next, b_next = scales(sig[i + 1])
         vp_scale, vp_scale_next = np.hypot(a, b), np.hypot(a_next, b_next)
         for k in active:
-            d = np.asarray(denoisers[k](torch.from_numpy(x[k]), torch.full((batch,), sig[i], dtype=torch.float64)),
-                           dtype=np.float64)
+            d = denoise(k, x[k], sig[i])
             eps[k] = (x[k] - a * d) / b
-            y[k] = a_next * d + b_next * eps[k]
+            y[k] = ddim[k] = a_next * d + b_next * eps[k]
+            if sampler == "heun" and sig[i + 1] > 0:
+                second = (y[k] - denoise(k, y[k], sig[i + 1])) / sig[i + 1]
+                y[k] = x[k] + (sig[i + 1] - sig[i]) * (eps[k] + second) / 2
         if 1 <= i <= s:
             xbar_vp = reference_aggregate(y, weights, mode) / vp_scale_next
             corrected = []
@@ -98,7 +108,7 @@ def reference_loop(denoisers, init, sigmas, s, weights, mode, p, mean_mode, tabl
                     alpha = ab_tau / (1.0 if tau == 0 else 1 / (1 + tab[tau - 1] ** 2))
                     mu = (x[k] / vp_scale - (1 - alpha) / np.sqrt(1 - ab_tau) * prev_eps[k]) / np.sqrt(alpha)
                 else:
-                    mu = y[k] / vp_scale_next
+                    mu = ddim[k] / vp_scale_next
                 diff = per_item(xbar_vp - mu)
                 unit = diff / np.linalg.norm(diff, axis=1, keepdims=True)
                 corrected.append((per_item(xbar_vp) - p[k] * unit).reshape(xbar_vp.shape) * vp_scale_next)

@@ -1,7 +1,7 @@
-"""amdm_core.aggregation: per-item slerp and the N-branch merges, against spec section 4.
+"""amdm_core.aggregation: per-item slerp and the N-branch merges, against docs/algorithm.md, section 4.
 
 The expected values come from spec_reference (`reference_slerp`, `reference_aggregate`), the tests' float64
-transcription of the spec's formulas, never from the code under test.
+transcription of its formulas, never from the code under test.
 """
 import numpy as np
 import pytest
@@ -52,7 +52,7 @@ def test_slerp_keeps_the_norm_of_equal_norm_inputs(seed, shape, w, scale):
 
 
 def test_linear_blend_shrinks_nearly_orthogonal_latents_and_slerp_does_not():
-    # Why the spec uses slerp: independent latents are almost orthogonal, a linear average loses ~29%.
+    # Why AMDM uses slerp: independent latents are almost orthogonal, a linear average loses ~29%.
     a, b = latents(0, (2, 4, 32, 32)), latents(1, (2, 4, 32, 32))
     norm = a.reshape(2, -1).norm(dim=1)
     lin = lerp(a, b, 0.5).reshape(2, -1).norm(dim=1) / norm

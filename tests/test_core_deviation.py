@@ -1,4 +1,4 @@
-"""amdm_core.deviation and amdm_core.schedule, against spec sections 2 and 5.
+"""amdm_core.deviation and amdm_core.schedule, against docs/algorithm.md, sections 3 and 5.
 
 The SD1.5 training table comes from spec_reference, re-derived from its definition (scaled-linear betas
 0.00085..0.012) independently of amdm_core.scaled_linear_sigma_table.
@@ -59,7 +59,7 @@ def test_deviation_does_not_move_an_item_already_at_mu():
 
 
 def test_deviation_works_per_batch_item_not_over_the_whole_batch():
-    # The reference code divides by the norm over the whole batch; the spec (and amdm_core) per item.
+    # The reference code divides by the norm over the whole batch; docs/algorithm.md (and amdm_core) per item.
     xbar, mu = latents(2), latents(3)
     mu[0] = xbar[0] + 100.0 * (mu[0] - xbar[0])  # item 0 far away must not shrink the others' steps
     out = deviation_correct(xbar, mu, 0.5)

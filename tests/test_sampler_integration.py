@@ -1,6 +1,7 @@
 """AMDM sampler nodes inside ComfyUI: per-branch patches on shared UNets (4), interruption (5), bad inputs
 (6), the AMDM Guider with SamplerCustomAdvanced, masks, batches, progress and previews."""
 import copy
+import threading
 
 import pytest
 import torch
@@ -58,22 +59,21 @@ def with_lora(patcher, lora):
 
 # --- 4. patches on clones that share one UNet ---------------------------------------------------------
 
-def test_each_branch_attn2_patch_runs_only_in_its_own_calls(pack, tiny_model, conds):
-    running, patch_calls, model_calls = [], {}, {}
+def test_each_branch_attn2_patch_runs_on_its_own_rows_only(pack, tiny_model, conds):
+    """Three clones of one UNet share one forward per window step; each one's attn2 patch sees its own two
+    rows (cond, uncond) and the options it would see alone, never another branch's."""
+    patch_calls, model_calls = {}, {}
 
     def tagged(name):
         clone = tiny_model.clone()
 
         def wrapper(apply_model, args):
-            running.append(name)
             model_calls[name] = model_calls.get(name, 0) + 1
-            try:
-                return apply_model(args["input"], args["timestep"], **args["c"])
-            finally:
-                running.pop()
+            return apply_model(args["input"], args["timestep"], **args["c"])
 
         def attn2(q, k, v, extra_options):
-            assert running == [name], f"{name}'s attn2 patch ran during a call of {running}"
+            rows = (q.shape[0], len(extra_options["cond_or_uncond"]), extra_options["original_shape"][0])
+            assert rows == (2, 2, 2), f"{name}'s attn2 patch saw rows {rows}"
             patch_calls[name] = patch_calls.get(name, 0) + 1
             return q, k * 1.5, v
 
@@ -201,6 +201,7 @@ def test_interrupt_propagates_and_leaves_nothing_behind(comfy, pack, tiny_model,
     finally:
         model_management.interrupt_current_processing(False)
     assert len(aux_calls) == 2, "the run went on after the interrupt"
+    assert not [t for t in threading.enumerate() if t.name.startswith("amdm-branch-")], "a branch thread is left"
     assert tiny_model.model.current_patcher is None
     assert same_weights(tiny_model, snapshot), "the aux branch's LoRA is still patched into the shared UNet"
     assert tiny_model.model_options == options_before and aux.model_options == aux_options_before
@@ -255,6 +256,20 @@ def test_bad_inputs_fail_before_the_first_step(comfy, pack, tiny_model, conds):
     hooked = [[conds[2][0][0], {"hooks": hooks.HookGroup()}]]
     message = error_of(aux=[(ok_aux[0], hooked, conds[3], 7.5)])
     assert "branch 2 carries hooks" in message
+    # where ComfyUI's own KSampler fails with a raw exception, the pack names the input and what to do
+    message = error_of(denoise=float("nan"))
+    assert "denoise is nan" in message
+    message = error_of(denoise=1.5)
+    assert "denoise is 1.5" in message and "[0, 1]" in message
+    message = error_of(seed=2**64 - 1)  # ddim re-seeds with seed + 1
+    assert "the seed is 18446744073709551615" in message and "'ddim'" in message
+    message = error_of(seed=2**64 - 2)
+    assert "branch 2's noise seed (seed + 1) is 18446744073709551615" in message
+    message = error_of(latent={"samples": torch.zeros(0, 4, SIZE, SIZE)})
+    assert "empty batch" in message
+    for shape in ((1, 4, SIZE), (1, 4, 2, SIZE, SIZE)):
+        message = error_of(latent={"samples": torch.zeros(shape)})
+        assert f"{len(shape)}-D" in message and "[batch, channels, height, width]" in message
     assert calls == [], "a model call ran before the bad input was reported"
 
 
@@ -310,6 +325,43 @@ def test_guider_keeps_the_wired_samplers_settings_and_refuses_unsupported_ones(c
     adaptive = nodes["KSamplerSelect"].execute("dpm_adaptive").result[0]
     with pytest.raises(ValueError, match="sampler 'dpm_adaptive' chooses its own step sizes"):
         custom_advanced(comfy, guider_node(pack, main_guider, [aux_guider]), adaptive, sigmas, 2, empty_latent())
+
+
+def test_guider_draws_aux_noise_at_the_latents_batch_positions(comfy, pack, tiny_model, conds):
+    """A latent with a batch_index (Latent From Batch) gets the seed's noise of those positions from the NOISE
+    node; the AMDM Guider draws each aux branch's noise (seed + 1) at the same positions, as the Aggregate
+    Sampler does from the latent itself."""
+    from comfy import sample as comfy_sample
+
+    nodes = comfy.NODE_CLASS_MAPPINGS
+    batch = {"samples": torch.zeros(6, 4, SIZE, SIZE)}
+    picked = nodes["LatentFromBatch"]().frombatch(batch, 3, 2)[0]
+    assert picked["batch_index"] == [3, 4]
+    seen = []
+
+    def record_noise(apply_model, args):
+        seen.append(args["input"].clone())
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    recorded = tiny_model.clone()
+    recorded.set_model_unet_function_wrapper(record_noise)
+    main_guider = nodes["CFGGuider"].execute(tiny_model, conds[0], conds[1], 7.5).result[0]
+    aux_guider = nodes["CFGGuider"].execute(recorded, conds[2], conds[3], 7.5).result[0]
+    sigmas = nodes["BasicScheduler"].execute(tiny_model, "karras", STEPS, 1.0).result[0]
+    euler = nodes["KSamplerSelect"].execute("euler").result[0]
+    custom_advanced(comfy, guider_node(pack, main_guider, [aux_guider], s=2), euler, sigmas, 9, picked)
+    # the aux branch's first model input (two rows of one cond): its noise scaled to sigma_max (karras)
+    first_aux_input, scale = seen[0][:2], (1 + float(sigmas[0]) ** 2) ** 0.5
+    expected = comfy_sample.prepare_noise(picked["samples"], 10, [3, 4]) * scale
+    torch.testing.assert_close(first_aux_input, expected, rtol=1e-5, atol=1e-5)
+    unpositioned = comfy_sample.prepare_noise(picked["samples"], 10) * scale
+    assert (first_aux_input - unpositioned).abs().max() > 0.1
+    with torch.no_grad():
+        node_out = amdm(pack, (tiny_model, conds[0], conds[1]), [(tiny_model, conds[2], conds[3], 7.5)], picked, seed=9,
+                        steps=STEPS, sampler="euler", scheduler="karras", s=2)[0]
+    guider_out = custom_advanced(comfy, guider_node(pack, main_guider, [
+        nodes["CFGGuider"].execute(tiny_model, conds[2], conds[3], 7.5).result[0]], s=2), euler, sigmas, 9, picked)
+    assert torch.equal(node_out, guider_out)
 
 
 # --- masks, batches, progress and previews ------------------------------------------------------------

@@ -2,14 +2,15 @@
 configs, plus SD1.5 patched to v-prediction):
 
 1. s = 0 is exactly the user's sampler: bit-identical to KSampler for every sampler (SD1.5 and SD3).
-2. The samplers AMDM reproduces exactly: one branch stepped by the pack's step objects equals KSampler bit
-   for bit (SD1.5 and SD3; the predictor-correctors also at 1 and 8 steps; SAMPLERs with the options the
-   custom-sampler nodes set), so the per-branch state (noise stream, multistep history) is the sampler's own.
-3. s >= 1 runs and stays finite for every sampler and family, with the model calls docs/nodes.md states.
-4. With a window, adaptive-step samplers and non-k-diffusion SAMPLERs are refused by their user-facing name
-   before any model call.
-5. Every sampler stepped by slices moves a branch in a one-step slice as in the first step of a full run
-   (heunpp2, whose order depends on the sigmas ahead, takes a valid lower-order step instead).
+2. Driven in lockstep, every branch runs the sampler's own code: with identical branches (shared noise,
+   w = 0.5, p = 0, s > 0) the main branch equals KSampler bit for bit for every sampler (SD1.5 and SD3; the
+   predictor-correctors also at 2 and 8 steps; SAMPLERs with the options the custom-sampler nodes set), so
+   nothing of the sampler's state (noise stream, multistep history) is lost between steps.
+3. s >= 1 runs and stays finite for every sampler and family, with the model calls docs/nodes.md states for
+   the samplers it lists (a sampler it does not list runs as well).
+4. With a window, adaptive-step samplers are refused by their user-facing name before any model call.
+5. On this ComfyUI the pack's own UniPC / SA-Solver steps are proven equal to ComfyUI's (no log line says
+   otherwise).
 """
 import os
 import re
@@ -95,56 +96,60 @@ def test_s0_and_silent_settings_are_the_users_sampler_bit_for_bit(comfy, pack, f
     assert not mismatches, f"{family_name}: differs from KSampler: {', '.join(mismatches)}"
 
 
-@pytest.mark.parametrize("family_name", ["sd15", "sd3"])
-def test_exact_samplers_step_one_branch_exactly_as_ksampler(comfy, pack, pack_module, families, family_name):
-    import comfy.sample
+def identical_branches(pack_module, family, s):
+    """An AMDM Guider whose two branches are the same CFG guider's twins, sharing the main noise, merged at
+    w = 0.5 with p = 0 (the merge of identical latents is the latent itself), and the main guider."""
     import comfy.samplers
 
-    guider_module, plan_module = pack_module("comfy_bridge.guider"), pack_module("comfy_bridge.sampler_plan")
-    settings = pack_module("comfy_bridge.settings").AggregationSettings(aggregation_steps=0, weights=())
-    family = families[family_name]
-    exact = plan_module.exact_sampler_names()
-    assert {"euler", "ddim", "euler_ancestral", "heun", "lms", "dpmpp_2m", "dpmpp_sde", "dpmpp_2m_sde",
-            "dpmpp_3m_sde", "lcm", "res_multistep", "uni_pc", "uni_pc_bh2", "sa_solver", "sa_solver_pece"} <= set(exact)
-    mismatches = []
-    # The predictor-correctors' orders depend on the schedule's length: also a longer one (UniPC reaches
-    # order 3 and slides its history, SA-Solver its order-4 corrector), and one step (UniPC makes no update).
-    runs = [(name, STEPS, None) for name in exact]
-    runs += [(name, steps, None) for name in PREDICTOR_CORRECTORS for steps in (1, 8)]
-    runs += [(name, STEPS, options) for name, options in CUSTOM_SAMPLER_OPTIONS]
-    for sampler_name, steps, options in runs:
+    guiders = []
+    for _ in range(2):
         guider = comfy.samplers.CFGGuider(family["main"])
         guider.set_conds(family["conds"][0], family["conds"][1])
         guider.set_cfg(4.0)
+        guiders.append(guider)
+    settings = pack_module("comfy_bridge.settings").AggregationSettings(
+        aggregation_steps=s, weights=(0.5,), aggregation="paper", deviation_step=0.0, mean_mode="auto", noise="shared")
+    return pack_module("comfy_bridge.guider").AMDMGuider(guiders[0], guiders[1:], settings), guiders[0]
+
+
+@pytest.mark.parametrize("family_name", ["sd15", "sd3"])
+def test_identical_branches_leave_every_sampler_bit_identical_to_ksampler(comfy, pack, pack_module, families,
+                                                                         family_name):
+    import comfy.sample
+    import comfy.samplers
+
+    family = families[family_name]
+    # The predictor-correctors' orders depend on the schedule's length: also a longer one (UniPC reaches order
+    # 3 and slides its history, SA-Solver its order-4 corrector) and two steps (the window's merge is the last).
+    runs = [(name, STEPS, None) for name in all_samplers(refused=False)]
+    runs += [(name, steps, None) for name in PREDICTOR_CORRECTORS for steps in (2, 8)]
+    runs += [(name, STEPS, options) for name, options in CUSTOM_SAMPLER_OPTIONS]
+    mismatches = []
+    for sampler_name, steps, options in runs:
         if options is None:
             sampler = comfy.samplers.sampler_object(sampler_name)
         else:  # as SamplerEulerAncestral, SamplerLMS, SamplerDPMPP_2M_SDE, SamplerSASolver build theirs
             sampler = comfy.samplers.ksampler(sampler_name, options)
-            assert plan_module.plan_sampler(sampler).exact is not None, f"{sampler_name} {options}: not stepped exactly"
-        # Each run gets its own copy: uni_pc writes into the sigmas it is given.
         sigmas = comfy.samplers.KSampler(family["main"], steps=steps, device="cpu", sampler=sampler_name,
                                          scheduler="simple").sigmas
         noise = comfy.sample.prepare_noise(family["latent"]["samples"], 5)
-        with torch.no_grad():
+        amdm_guider, guider = identical_branches(pack_module, family, min(2, steps - 1))
+        with torch.no_grad():  # each run its own sigmas: uni_pc writes into them
             reference = guider.sample(noise, family["latent"]["samples"], sampler, sigmas.clone(), seed=5)
-            run_sigmas = sigmas.clone()
-            run = guider_module._LockstepRun([], [], [], family["latent"]["samples"], run_sigmas, None,
-                                             plan_module.plan_sampler(sampler), settings)
-            stepped = guider.sample(noise, family["latent"]["samples"],
-                                    guider_module.BranchCapture(run, sampler.inpaint_options), run_sigmas, seed=5)
-        if not torch.equal(stepped, reference):
+            driven = amdm_guider.sample(noise, family["latent"]["samples"], sampler, sigmas.clone(), seed=5)
+        if not torch.equal(driven, reference):
             mismatches.append(f"{sampler_name} {options or ''}, {steps} steps "
-                              f"({float((stepped - reference).abs().max()):.2g})")
-    assert not mismatches, f"{family_name}: the pack's steps differ from ComfyUI's sampler: {', '.join(mismatches)}"
+                              f"({float((driven - reference).abs().max()):.2g})")
+    assert not mismatches, f"{family_name}: the driven main branch differs from the sampler: {', '.join(mismatches)}"
 
 
 def documented_calls():
-    """{sampler: model calls of one step to a nonzero sigma} from the table in docs/nodes.md; samplers whose
-    count depends on the step's position are marked there with "varies"."""
+    """{sampler: model calls of one step to a nonzero sigma, None where it varies, "refused"} from the table in
+    docs/nodes.md, written for the ComfyUI versions the pack is tested on."""
     with open(DOCS, encoding="utf-8") as handle:
         text = handle.read()
-    rows = re.findall(r"^\| `([a-z0-9_]+)` \| (exact|slices|refused) \| ([0-9]+|varies|-) \|", text, flags=re.M)
-    return {name: (how, int(calls) if calls.isdigit() else None) for name, how, calls in rows}
+    rows = re.findall(r"^\| `([a-z0-9_]+)` \| ([0-9]+|varies|refused) \|", text, flags=re.M)
+    return {name: int(calls) if calls.isdigit() else (None if calls == "varies" else calls) for name, calls in rows}
 
 
 def step_calls(per_step, sigmas, steps):
@@ -152,16 +157,13 @@ def step_calls(per_step, sigmas, steps):
     return sum(per_step if float(sigmas[i + 1]) > 0 else 1 for i in range(steps))
 
 
-def test_the_docs_table_covers_every_sampler_and_says_how_it_is_stepped(comfy, pack, pack_module):
+def test_the_docs_table_lists_the_tested_samplers_and_its_refusals(comfy):
     import comfy.samplers
 
-    table = documented_calls()  # the samplers of every ComfyUI version the pack is tested on
-    running = set(comfy.samplers.KSampler.SAMPLERS)
-    assert running <= set(table), f"undocumented samplers: {sorted(running - set(table))}"
-    plan = pack_module("comfy_bridge.sampler_plan")
-    assert {name for name, (how, _) in table.items() if how == "exact" and name in running} == \
-        set(plan.exact_sampler_names())
-    assert {name for name, (how, _) in table.items() if how == "refused"} == set(plan.REFUSED) == set(REFUSED)
+    table = documented_calls()
+    assert {name for name, calls in table.items() if calls == "refused"} == set(REFUSED)
+    assert {"euler", "ddim", "heun", "dpmpp_2m", "uni_pc", "sa_solver_pece", "seeds_3"} <= set(table)
+    assert set(REFUSED) <= set(comfy.samplers.KSampler.SAMPLERS)
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)
@@ -180,48 +182,16 @@ def test_every_sampler_aggregates_finite_latents_with_the_documented_model_calls
             out, aux = amdm(pack, family, sampler, s=s)
         if not (torch.isfinite(out["samples"]).all() and torch.isfinite(aux["samples"]).all()):
             problems.append(f"{sampler}: not finite")
-        how, per_step = table[sampler]
+        per_step = table.get(sampler)  # a sampler the table does not list runs too
         total = len(sigmas) - 1
-        if per_step is not None:
+        if isinstance(per_step, int):
             expected = step_calls(per_step, sigmas, total) + step_calls(per_step, sigmas, s + 1)
             if len(family["calls"]) != expected:
                 problems.append(f"{sampler}: {len(family['calls'])} model calls, documented {expected}")
     assert not problems, f"{family_name}: " + "; ".join(problems)
 
 
-def test_a_one_step_slice_of_each_slices_sampler_is_its_first_step(comfy, pack, pack_module, families):
-    """The slices path is only sound where ComfyUI's function, given [sigma_0, sigma_1], takes the step it
-    takes first in a full run (the refused predictor-correctors do not: they return an uncorrected latent)."""
-    import comfy.samplers
-
-    table = documented_calls()
-    family = families["sd15"]
-    guider = comfy.samplers.CFGGuider(family["main"])
-    guider.set_conds(family["conds"][0], family["conds"][1])
-    guider.set_cfg(4.0)
-    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    wrong = []
-    for name in all_samplers(refused=False):
-        if table[name][0] != "slices" or name == "heunpp2":
-            continue
-        sigmas = comfy.samplers.KSampler(family["main"], steps=5, device="cpu", sampler=name, scheduler="karras").sigmas
-        first = {}
-
-        def second_input(step, x0, x, total):
-            if step == 1:
-                first["x"] = x.clone()
-
-        with torch.no_grad():
-            guider.sample(noise, family["latent"]["samples"], comfy.samplers.sampler_object(name), sigmas,
-                          callback=second_input, seed=3)
-            one_step = guider.sample(noise, family["latent"]["samples"], comfy.samplers.sampler_object(name),
-                                     sigmas[:2].clone(), seed=3)
-        if not torch.equal(one_step, family["main"].model.process_latent_out(first["x"])):
-            wrong.append(name)
-    assert not wrong, f"a one-step slice is not the sampler's first step: {wrong}"
-
-
-def test_merging_changes_the_result_for_exact_and_slice_samplers(comfy, pack, families):
+def test_merging_changes_the_result_of_every_kind_of_sampler(comfy, pack, families):
     family = families["sd3"]
     with torch.no_grad():
         for sampler in ("dpmpp_2m", "seeds_2", "uni_pc", "sa_solver_pece"):
@@ -239,24 +209,31 @@ def test_samplers_that_cannot_step_in_lockstep_are_refused_by_name_before_any_ca
     assert family["calls"] == []
 
 
-def test_a_sampler_that_is_not_k_diffusion_is_refused_by_name(comfy, pack, families):
+@pytest.mark.parametrize("family_name", ["sd15", "sd3"])
+def test_this_comfyuis_predictor_correctors_run_as_the_packs_proven_steps(comfy, pack, pack_module, families,
+                                                                         family_name):
+    """On this ComfyUI the pack's own steps are proven equal and used: a merge then moves the corrected latent
+    (not only the model's answer), so the result differs from ComfyUI's same function driven as any sampler
+    (wrapped, so that the pack does not recognise it)."""
+    import comfy.sample
     import comfy.samplers
 
-    class OwnSampler(comfy.samplers.Sampler):
-        def sample(self, *args, **kwargs):
-            raise AssertionError("must not run")
-
-    family = families["sd15"]
-    guider = comfy.samplers.CFGGuider(family["main"])
-    guider.set_conds(family["conds"][0], family["conds"][1])
-    aux = comfy.samplers.CFGGuider(family["aux"])
-    aux.set_conds(family["conds"][2], family["conds"][3])
-    amdm_guider = pack.NODE_CLASS_MAPPINGS["AMDMGuider"]().get_guider(guider, aux, 0.5, 1, "paper", 0.3, "auto",
-                                                                      "independent")[0]
-    sigmas = comfy.samplers.KSampler(family["main"], steps=STEPS, device="cpu", sampler="euler",
-                                     scheduler="simple").sigmas
-    with pytest.raises(ValueError, match="OwnSampler' is not a k-diffusion sampler"):
-        amdm_guider.sample(torch.randn(1, 4, 8, 8), family["latent"]["samples"], OwnSampler(), sigmas, seed=1)
+    family = families[family_name]
+    sigmas = comfy.samplers.KSampler(family["main"], steps=6, device="cpu", sampler="uni_pc", scheduler="simple").sigmas
+    noise = comfy.sample.prepare_noise(family["latent"]["samples"], 5)
+    for name in PREDICTOR_CORRECTORS:
+        stock = comfy.samplers.sampler_object(name)
+        function = stock.sampler_function
+        as_any_sampler = comfy.samplers.KSAMPLER(lambda *args, **kwargs: function(*args, **kwargs),
+                                                 stock.extra_options, stock.inpaint_options)
+        results = []
+        for sampler in (stock, as_any_sampler):
+            amdm_guider, _ = identical_branches(pack_module, family, 3)
+            amdm_guider.aux_guiders[0].set_conds(family["conds"][2], family["conds"][3])
+            with torch.no_grad():
+                results.append(amdm_guider.sample(noise, family["latent"]["samples"], sampler, sigmas.clone(), seed=5))
+        assert torch.isfinite(results[0]).all()
+        assert (results[0] - results[1]).abs().max() > 1e-4, f"{name}: the pack's own step was not used"
 
 
 def test_an_explicit_reference_mean_on_a_flow_model_is_refused(comfy, pack, families):
