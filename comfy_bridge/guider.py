@@ -122,6 +122,7 @@ class _LockstepRun:
             plan.finish_sigmas(sigmas)
         finally:
             switch.activate(main.patcher)  # the main branch's patches live again, as after its own run
+            switch.close()  # drops the other branches' kept weights
         self.aux_denoised = [step_denoised[k] for k in range(1, len(branches))]
         return latents
 
