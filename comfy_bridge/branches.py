@@ -110,7 +110,7 @@ def _reload(patcher):
     """ComfyUI's own switch between clones: `partially_load` re-applies `patcher`'s patches to the shared
     module when the live weights are another patcher's (exact: re-patched from the backups), else only
     its object patches. A fully loaded model stays fully loaded (what LoadedModel.model_load asks for); a
-    partially loaded one keeps its current budget."""
+    partially loaded one keeps its current budget (0.3.75 and 0.33.0)."""
     extra_memory = 0 if patcher.model.model_lowvram else 1e32
     patcher.partially_load(patcher.load_device, extra_memory)
 
@@ -174,11 +174,12 @@ class _CachedSwitch:
     `unpatch_model` puts back, moved to the module's device as `load` moves it); for any other branch,
     the module after ComfyUI's own `partially_load` at its first activation (one exact re-patch). With it
     the branch's backup entries are kept: installing a version leaves the module, `backup` and
-    `current_weight_patches_uuid` as ComfyUI's `partially_load` for that branch leaves them, so ComfyUI's
-    next load or unpatch restores the original weights. Nothing writes into a kept tensor (in-place
-    re-patching is excluded by _cacheable). If anything else re-loads the model in between (another uuid,
-    another device), the kept versions are dropped and taken again the same way; while ComfyUI keeps the
-    model partially loaded (to free memory), the switch re-patches instead."""
+    `current_weight_patches_uuid` as ComfyUI's `partially_load` for that branch leaves them (ModelPatcher
+    `partially_load`, `unpatch_model` and `load` of 0.3.75 and 0.33.0), so ComfyUI's next load or unpatch
+    restores the original weights. Nothing writes into a kept tensor (in-place re-patching is excluded by
+    _cacheable). If anything else re-loads the model in between (another uuid, another device), the kept
+    versions are dropped and taken again the same way; while ComfyUI keeps the model partially loaded (to
+    free memory), the switch re-patches instead."""
 
     def __init__(self, patchers, keys):
         model = patchers[0].model
@@ -237,7 +238,7 @@ class _CachedSwitch:
 
 
 class _DynamicSwitch:
-    """Dynamic VRAM (ComfyUI 0.33's ModelPatcherDynamic) patches no weight into the module: each layer
+    """Dynamic VRAM (ModelPatcherDynamic, read on ComfyUI 0.33.0) patches no weight into the module: each layer
     applies its patcher's patches when it is fetched (`<param>_lowvram_function`, a LowVramPatch, in
     comfy/ops.py `cast_bias_weight`) and keeps the patched result resident while its `_v_signature`
     holds. ComfyUI's own clone switch, `ModelPatcherDynamic.partially_load` -> `load(dirty=...)`,
