@@ -24,6 +24,15 @@ REQUIRED = (
     ("comfy.model_management", "throw_exception_if_processing_interrupted", ()),
     ("comfy.model_management", "intermediate_device", ()),
     ("latent_preview", "prepare_callback", ()),
+    # branches.py: the switch between clones with different weight patches
+    ("comfy.model_patcher", "get_key_weight", ()),
+    ("comfy.model_management", "get_free_memory", ()),
+    ("comfy.model_management", "minimum_inference_memory", ()),
+    ("comfy.utils", "get_attr", ()),
+    # batching.py: one forward for the branches that share it
+    ("comfy.model_base", "BaseModel", ("apply_model", "memory_required")),
+    ("comfy.conds", "CONDCrossAttn", ("can_concat", "concat")),
+    ("comfy.ldm.modules.attention", "optimized_attention", ()),
     # predictor_correctors.py: what the pack's own UniPC / SA-Solver set up as ComfyUI's functions do
     ("comfy.k_diffusion.sampling", "trange", ()),
     ("comfy.k_diffusion.sampling", "default_noise_sampler", ()),

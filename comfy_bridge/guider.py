@@ -150,7 +150,10 @@ class _LockstepRun:
                 check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
                 rng_devices=devices)
         finally:
-            switch.activate(main.patcher)  # the main branch's patches live again, as after its own run
+            try:
+                switch.activate(main.patcher)  # the main branch's patches live again, as after its own run
+            finally:
+                switch.close()  # drops the other branches' kept weights
         self.aux_denoised = result.aux_denoised
         return result.latents
 

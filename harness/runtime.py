@@ -77,6 +77,31 @@ def boot(base_dir, threads=1, cpu=True):
     return comfy_dir
 
 
+def boot_main(base_dir, extra_args=()):
+    """Start ComfyUI in-process as `python main.py --base-directory BASE EXTRA_ARGS` starts it, without
+    the server: importing main.py runs its own startup (argument parsing; on an NVIDIA GPU, comfy-aimdo
+    and dynamic VRAM, ComfyUI 0.33's default loader, unless --disable-dynamic-vram), then the built-in
+    nodes load. For checks of that default loader (bench/gpu_dynamic_vram.py). Must run before anything
+    imports torch, once per process. Returns the ComfyUI folder."""
+    comfy_dir = comfyui_dir()
+    os.makedirs(os.path.join(base_dir, "custom_nodes"), exist_ok=True)
+    if comfy_dir not in sys.path:
+        sys.path.insert(0, comfy_dir)
+    own_argv = sys.argv
+    sys.argv = ["main.py", "--base-directory", base_dir, "--disable-api-nodes", "--preview-method", "none",
+                "--database-url", "sqlite:///:memory:", *extra_args]
+    try:
+        importlib.import_module("main")
+    finally:
+        sys.argv = own_argv
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    _state["comfy_dir"] = comfy_dir
+    _state["base_dir"] = base_dir
+    return comfy_dir
+
+
 def load_pack():
     """Load this repository as a custom node pack with ComfyUI's own loader; returns the module.
 
