@@ -94,8 +94,13 @@ def _chunks(tensor, call):
     return tensor.chunk(max(len(call.options.get("cond_or_uncond") or [0]), 1))
 
 
-def _conditioning_fits(key, a, b):
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+def _per_row(value, call):
+    """A conditioning tensor with one entry per row of its call (else a constant of the forward)."""
+    return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == call.rows
+
+
+def _conditioning_fits(key, a, b, call_a, call_b):
+    if not (_per_row(a, call_a) and _per_row(b, call_b)):
         return _same(a, b)
     if a.dtype != b.dtype or a.device != b.device or a.ndim != b.ndim:
         return False
@@ -134,7 +139,7 @@ def can_share_forward(a, b):
     if set(a.c) - {"control"} != set(b.c) - {"control"} or not _control_fits(a.c.get("control"), b.c.get("control")):
         return False
     for key in set(a.c) - {"control", "transformer_options"}:
-        if not _conditioning_fits(key, a.c[key], b.c[key]):
+        if not _conditioning_fits(key, a.c[key], b.c[key], a, b):
             return False
     first, second = a.options, b.options
     shared = (set(first) | set(second)) - set(PER_BRANCH) - set(SHAPES)
@@ -167,9 +172,9 @@ def same_call(a, b):
     return _equal(first, second) and all(_equal(a.c[k], b.c[k]) for k in a.c if k != "transformer_options")
 
 
-def _concat_conditioning(key, values):
-    if not isinstance(values[0], torch.Tensor):
-        return values[0]
+def _concat_conditioning(key, values, calls):
+    if not all(_per_row(value, call) for value, call in zip(values, calls)):
+        return values[0]  # the same for every call (can_share_forward)
     if key == "c_crossattn" and len({v.shape[1] for v in values}) > 1:
         return comfy.conds.CONDCrossAttn(values[0]).concat([comfy.conds.CONDCrossAttn(v) for v in values[1:]])
     return torch.cat(values)
@@ -326,7 +331,7 @@ def _forward_together(calls):
         if key == "transformer_options":
             c[key] = _shared_options(calls, branches, total)
         else:
-            c[key] = _concat_conditioning(key, values)
+            c[key] = _concat_conditioning(key, values, calls)
     control = _concat_control(calls, [call.c.get("control") for call in calls])
     if control is not None:
         c["control"] = control
