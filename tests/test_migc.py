@@ -369,7 +369,8 @@ def test_naive_fuser_runs_in_every_cross_attention_block_by_the_reference_rule(t
             call_unet(spied, x, step, context, [1, 0])
         assert sorted(recorded) == sorted(blocks)
         migc_blocks = sorted(block for block, _ in record["migc"])
-        assert migc_blocks == sorted(b for b in blocks if reference_block_mode(step, b in MIGC_BLOCKS, 1, 3, 2) == "migc")
+        expected = [b for b in blocks if reference_block_mode(step, b in MIGC_BLOCKS, 1, 3, 2) == "migc"]
+        assert migc_blocks == sorted(expected)
         for block in blocks:
             mode = reference_block_mode(step, block in MIGC_BLOCKS, 1, 3, 2)
             seen.add((block in MIGC_BLOCKS, mode))
@@ -398,7 +399,8 @@ def test_naive_fuser_off_patches_only_the_migc_blocks(tiny_model, migc, patch_mo
     off = patch_mod.patch_model(other, migc, contexts, pooled, [(0, 0, 64, 64)], WIDTH, HEIGHT, 5, -1)
     replaced = off.model_options["transformer_options"]["patches_replace"]["attn2"]
     assert sorted(key[:2] for key in replaced if key[:2] != ("input", 1)) == sorted(MIGC_BLOCKS)
-    with pytest.raises(patch_mod.MIGCApplyError, match=r"block \('input', 1\).*NaiveFuser runs on.*separate model branch"):
+    refused = r"block \('input', 1\).*NaiveFuser runs on.*separate model branch"
+    with pytest.raises(patch_mod.MIGCApplyError, match=refused):
         patch_mod.patch_model(other, migc, contexts, pooled, [(0, 0, 64, 64)], WIDTH, HEIGHT, 5, 0)
 
 
