@@ -170,7 +170,8 @@ class ComfyUISession:
         """Node titles and group headers in the window that the frontend's own chrome (side bar, tab bar,
         breadcrumb, run bar) covers: [(title, x, y, what covers it)]. The point tested is the start of the
         title; what counts as uncovered is the graph canvas or, in Nodes 2.0, the node's own element. The
-        minimap and the zoom controls, floating tools the user places or closes, are left out."""
+        minimap and the zoom controls (floating tools the user places or closes) and toasts (passing
+        notices, such as 1.32's warning that the 0.33 backend wants a newer frontend) are left out."""
         return self.page.evaluate(_TITLES_UNDER_CHROME_JS)
 
     def load_workflow(self, workflow, fit=False, settle_ms=1500):
@@ -232,7 +233,8 @@ _FIT_VIEW_JS = """() => {
 
 _TITLES_UNDER_CHROME_JS = """() => {
     const canvas = app.canvas.canvas, ds = app.canvas.ds, box = canvas.getBoundingClientRect();
-    const floating = '.litegraph-minimap, .minimap-main-container, .p-buttongroup, [class*="canvas-menu"]';
+    const floating = '.litegraph-minimap, .minimap-main-container, .p-buttongroup, [class*="canvas-menu"], ' +
+        '[class*="toast"]';
     const covered = [];
     const check = (title, x, y, own) => {
         const px = box.left + (x + ds.offset[0]) * ds.scale, py = box.top + (y + ds.offset[1]) * ds.scale;
