@@ -13,17 +13,11 @@ if [ "$installed" = "$SEMVER_VERSION" ]; then
     exit 0
 fi
 if ! command -v npm >/dev/null 2>&1; then
-    if ! command -v apt-get >/dev/null 2>&1; then
-        echo "[setup_node_tools] no npm found and no apt-get: install Node.js 18 or newer (with npm)" >&2
-        exit 1
-    fi
-    sudo=()
-    if [ "$(id -u)" != 0 ]; then
-        sudo=(sudo)
-    fi
     echo "[setup_node_tools] installing Debian's nodejs and npm"
-    "${sudo[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+    bash scripts/apt_install.sh nodejs npm || {
+        echo "[setup_node_tools] no npm found: install Node.js 18 or newer (with npm)" >&2
+        exit 1
+    }
 fi
 echo "[setup_node_tools] installing semver@$SEMVER_VERSION into $dest"
 npm install --prefix "$dest" --no-audit --no-fund --no-save --silent "semver@$SEMVER_VERSION"
