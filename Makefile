@@ -1,6 +1,7 @@
 # One command each: `make test` (the whole suite against real ComfyUIs: 0.3.75 and 0.33.0, each in its own
 # venv, see scripts/run_tests.sh), `make demo` (the AMDM graph, headless, images + summary under out/),
-# `make bench` (the benchmarks). Each builds what it needs if missing (scripts/setup_env.sh).
+# `make bench` (the benchmarks). Each builds what it needs if missing (scripts/setup_env.sh; `make test` also
+# the browser and the npm test tools: scripts/setup_browser.sh, scripts/setup_node_tools.sh).
 # COMFYUI_PATH=/path/to/ComfyUI runs them against your own ComfyUI checkout instead of the pinned copies.
 PYTHON := .venv/bin/python
 # With COMFYUI_PATH the suite runs once, on that checkout in .venv: the 0.33.0 leg's venv is not needed.
@@ -18,6 +19,7 @@ env-0.33.0:
 
 test: $(TEST_ENV)
 	@bash scripts/setup_browser.sh
+	@bash scripts/setup_node_tools.sh
 	@bash scripts/run_tests.sh
 
 demo: env-0.3.75

@@ -17,3 +17,10 @@ def cross_attentions(diffusion_model, block):
     if module is None:
         return []
     return [m.attn2 for m in module.modules() if isinstance(m, BasicTransformerBlock) and m.attn2 is not None]
+
+
+def cross_attention_blocks(diffusion_model):
+    """Every block key of the UNet that holds a cross-attention, in UNet order (16 in SD1.x)."""
+    keys = ([("input", i) for i in range(len(diffusion_model.input_blocks))] + [("middle", 0)]
+            + [("output", i) for i in range(len(diffusion_model.output_blocks))])
+    return [key for key in keys if cross_attentions(diffusion_model, key)]

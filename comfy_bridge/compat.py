@@ -86,5 +86,5 @@ def check_comfyui(required=REQUIRED):
     if missing:
         raise ComfyUIIncompatible(
             f"comfyui-amdm cannot run on this ComfyUI (version {comfyui_version()}): it lacks "
-            f"{', '.join(missing)}. The pack is tested on ComfyUI 0.3.75 and 0.33.0; update ComfyUI, or install "
-            "the comfyui-amdm release made for your ComfyUI version.")
+            f"{', '.join(missing)}. The pack is tested on ComfyUI 0.3.75 and 0.33.0: on an older ComfyUI, update "
+            "ComfyUI; on a newer one, update comfyui-amdm, or report this message with your ComfyUI version.")

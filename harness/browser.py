@@ -31,6 +31,7 @@ VUE_NODES_SETTING = "Comfy.VueNodes.Enabled"   # the "Nodes 2.0" rendering
 MISSING_NODES_DIALOG = '[role="dialog"][aria-labelledby="global-missing-nodes"]'      # frontend 1.32
 MISSING_NODES_ICON = '[data-testid="subgraph-breadcrumb-missing-nodes-icon"]'         # frontend 1.58
 MISSING_NODES_CARD = '[data-testid="missing-node-card"]'   # 1.58: the error panel's list of missing nodes
+PROPERTIES_PANEL_TOGGLE = 'button[aria-label="Toggle properties panel"]'  # 1.58: opens / closes that panel
 # Types the frontend itself provides (no server node behind them).
 FRONTEND_NODE_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 BOX_EDITOR_EXTENSION = "amdm-aggregation.BoxEditor"
@@ -159,7 +160,19 @@ class ComfyUISession:
         self.page.get_by_role("button", name="View details").first.click(timeout=timeout_ms)
         card = self.page.locator(MISSING_NODES_CARD).first
         card.wait_for(state="visible", timeout=timeout_ms)
-        return card.inner_text()
+        text = card.inner_text()
+        # close the panel again: the frontend remembers it open, over the right of every later view
+        self.page.locator(PROPERTIES_PANEL_TOGGLE).first.click(timeout=timeout_ms)
+        card.wait_for(state="detached", timeout=timeout_ms)
+        return text
+
+    def titles_under_chrome(self):
+        """Node titles and group headers in the window that the frontend's own chrome (side bar, tab bar,
+        breadcrumb, run bar) covers: [(title, x, y, what covers it)]. The point tested is the start of the
+        title; what counts as uncovered is the graph canvas or, in Nodes 2.0, the node's own element. The
+        minimap and the zoom controls (floating tools the user places or closes) and toasts (passing
+        notices, such as 1.32's warning that the 0.33 backend wants a newer frontend) are left out."""
+        return self.page.evaluate(_TITLES_UNDER_CHROME_JS)
 
     def load_workflow(self, workflow, fit=False, settle_ms=1500):
         """app.loadGraphData(workflow) in a new tab, then wait ``settle_ms`` (the missing-nodes dialog
@@ -215,6 +228,27 @@ _FIT_VIEW_JS = """() => {
     canvas.ds.scale = scale;
     canvas.ds.offset = [left / scale - x0, top / scale - y0];
     canvas.setDirty(true, true);
+}"""
+
+
+_TITLES_UNDER_CHROME_JS = """() => {
+    const canvas = app.canvas.canvas, ds = app.canvas.ds, box = canvas.getBoundingClientRect();
+    const floating = '.litegraph-minimap, .minimap-main-container, .p-buttongroup, [class*="canvas-menu"], ' +
+        '[class*="toast"]';
+    const covered = [];
+    const check = (title, x, y, own) => {
+        const px = box.left + (x + ds.offset[0]) * ds.scale, py = box.top + (y + ds.offset[1]) * ds.scale;
+        if (px < 0 || py < 0 || px >= window.innerWidth || py >= window.innerHeight) return;
+        const el = document.elementFromPoint(px, py);
+        if (!el || el === canvas || (own && own.contains(el)) || el.closest(floating)) return;
+        covered.push([title, Math.round(px), Math.round(py), el.tagName + '.' + String(el.className).slice(0, 60)]);
+    };
+    for (const node of app.graph.nodes) {
+        const own = document.querySelector(`[data-node-id="${node.id}"]`);
+        check(node.title || node.type, node.pos[0] + 12, node.pos[1] - LiteGraph.NODE_TITLE_HEIGHT / 2, own);
+    }
+    for (const group of app.graph.groups) check('group: ' + group.title, group.pos[0] + 12, group.pos[1] + 12, null);
+    return covered;
 }"""
 
 

@@ -15,6 +15,9 @@ REQUIRED_WORKFLOWS = ("amdm_interactdiffusion_migc", "amdm_interactdiffusion_ipa
                       "amdm_interactdiffusion_migc_ipadapter", "amdm_by_hand")
 # AMDM Guider on SamplerCustomAdvanced (one GUIDER per branch, a non-default sampler).
 GUIDER_WORKFLOW = "amdm_guider"
+# The families users run now: branches that carry different controls (a ControlNet main branch each).
+FLUX_WORKFLOW = "amdm_flux_controlnet_redux"
+SDXL_WORKFLOW = "amdm_sdxl_controlnet_finetune"
 # loader node -> (widget holding the file name, ComfyUI models/ folder or "input")
 FILE_WIDGETS = {
     "CheckpointLoaderSimple": ("ckpt_name", "checkpoints"),
@@ -22,6 +25,8 @@ FILE_WIDGETS = {
     "MIGCLoader": ("migc_name", "migc"),
     "AMDMIPAdapterLoader": ("ipadapter_file", "ipadapter"),
     "CLIPVisionLoader": ("clip_name", "clip_vision"),
+    "ControlNetLoader": ("control_net_name", "controlnet"),
+    "StyleModelLoader": ("style_model_name", "style_models"),
     "LoadImage": ("image", "input"),
 }
 
@@ -50,25 +55,34 @@ def expected_files(workflows, input_types):
     return files
 
 
-def stage_files(base_dir, files, tiny_checkpoint_path):
-    """Write tiny seeded stand-ins under ``base_dir/models/<folder>/<name>`` (``base_dir/input`` for
-    images) in each real file format; the checkpoint is a link to the session's tiny SD1.5 file."""
+def stage_files(base_dir, files, tiny_checkpoint_path, store_dir=None):
+    """Tiny seeded stand-ins under ``base_dir/models/<folder>/<name>`` (``base_dir/input`` for images) in
+    each real file format: the SD1.5 checkpoint is a link to the session's tiny SD1.5 file, the Flux and
+    SDXL files come from harness/tiny_flux_sdxl.py. With ``store_dir`` (another base directory) every
+    stand-in is written there once and linked from ``base_dir``, so several servers share one copy."""
+    from .tiny_clip_vision import write_tiny_clip_vision
+    from .tiny_flux_sdxl import STAND_INS, register_tiny_flux_sdxl, write_stand_in
     from .tiny_interactdiffusion import write_tiny_interactdiffusion
-    from .tiny_ipadapter import write_tiny_clip_vision, write_tiny_ipadapter
+    from .tiny_ipadapter import write_tiny_ipadapter
     from .tiny_migc import write_tiny_migc
 
+    register_tiny_flux_sdxl()  # this process loads them too
     writers = {"interactdiffusion": write_tiny_interactdiffusion, "migc": write_tiny_migc,
                "ipadapter": write_tiny_ipadapter, "clip_vision": write_tiny_clip_vision,
-               "input": write_test_image}
+               "checkpoints": lambda path: os.symlink(tiny_checkpoint_path, path), "input": write_test_image}
     for folder, name in sorted(files):
-        path = os.path.join(base_dir, folder if folder == "input" else os.path.join("models", folder), name)
-        if os.path.exists(path):
-            continue
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if folder == "checkpoints":
-            os.symlink(tiny_checkpoint_path, path)
-        else:
-            writers[folder](path)
+        relative = folder if folder == "input" else os.path.join("models", folder)
+        path = os.path.join(store_dir or base_dir, relative, name)
+        if not os.path.lexists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if name in STAND_INS:
+                write_stand_in(name, path)
+            else:
+                writers[folder](path)
+        link = os.path.join(base_dir, relative, name)
+        if not os.path.lexists(link):
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            os.symlink(path, link)
     return base_dir
 
 

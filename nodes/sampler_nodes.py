@@ -102,9 +102,10 @@ class AMDMGuiderNode:
     RETURN_TYPES = ("GUIDER",)
     FUNCTION = "get_guider"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("AMDM as a GUIDER for SamplerCustomAdvanced: every branch is any GUIDER, run with its own "
-                   "semantics; the wired SAMPLER steps every branch; the main branch finishes alone after step s. "
-                   + sampler_tooltip())
+    DESCRIPTION = ("AMDM as a GUIDER for SamplerCustomAdvanced: the main branch and up to 3 aux branches are any "
+                   "GUIDERs (CFGGuider, DualCFGGuider, ...), each run with its own semantics, all stepped by the "
+                   "wired SAMPLER; during steps 1..s their latents are merged by slerp with a deviation step, then "
+                   "the main branch finishes alone. " + sampler_tooltip())
 
     def get_guider(self, guider, guider_2, weight_2, aggregation_steps, aggregation, deviation_step, mean_mode, noise,
                    **optional):

@@ -18,7 +18,10 @@ import tempfile
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from harness.tiny_flux_sdxl import (FLUX_CHECKPOINT, FLUX_CONTROLNET, FLUX_REDUX, SDXL_CHECKPOINT,  # noqa: E402
+                                    SDXL_CONTROLNET, SDXL_FINETUNE, SIGCLIP_VISION)
 from harness.workflow_api import widget_layout  # noqa: E402
+from harness.workflow_files import expected_files  # noqa: E402
 
 WORKFLOW_DIR = os.path.join(REPO_ROOT, "workflows")
 DOCS_IMAGES = os.path.join(REPO_ROOT, "docs", "images")
@@ -42,16 +45,24 @@ MIGC = "MIGC_SD14.ckpt"
 IPADAPTER = "ip-adapter_sd15.safetensors"
 CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 STYLE_IMAGE = "amdm_style_reference.png"
-MODEL_FILES = {  # models/<folder>/<file>: what the workflow tests generate tiny stand-ins for
-    "checkpoints": CHECKPOINT, "interactdiffusion": INTERACTDIFFUSION, "migc": MIGC,
-    "ipadapter": IPADAPTER, "clip_vision": CLIP_VISION,
-}
-# Download metadata the frontend's "missing models" dialog shows (safetensors on Hugging Face only).
+CONTROL_IMAGE = "amdm_control_photo.png"
+# Download metadata the frontend's "missing models" dialog shows (public safetensors on Hugging Face only:
+# the Redux weights are gated behind a license click, so the dialog cannot fetch them).
+HF = "https://huggingface.co/"
 DOWNLOADS = {
-    CHECKPOINT: ("https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
-                 "v1-5-pruned-emaonly-fp16.safetensors", "checkpoints"),
-    IPADAPTER: ("https://huggingface.co/h94/IP-Adapter/resolve/main/models/ip-adapter_sd15.safetensors",
-                "ipadapter"),
+    CHECKPOINT: (HF + "Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors",
+                 "checkpoints"),
+    IPADAPTER: (HF + "h94/IP-Adapter/resolve/main/models/ip-adapter_sd15.safetensors", "ipadapter"),
+    FLUX_CHECKPOINT: (HF + "Comfy-Org/flux1-dev/resolve/main/flux1-dev-fp8.safetensors", "checkpoints"),
+    FLUX_CONTROLNET: (HF + "XLabs-AI/flux-controlnet-canny-v3/resolve/main/flux-canny-controlnet-v3.safetensors",
+                      "controlnet"),
+    SIGCLIP_VISION: (HF + "Comfy-Org/sigclip_vision_384/resolve/main/sigclip_vision_patch14_384.safetensors",
+                     "clip_vision"),
+    SDXL_CHECKPOINT: (HF + "stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
+                      "checkpoints"),
+    SDXL_FINETUNE: (HF + "cagliostrolab/animagine-xl-3.1/resolve/main/animagine-xl-3.1.safetensors", "checkpoints"),
+    SDXL_CONTROLNET: (HF + "lllyasviel/sd_control_collection/resolve/main/diffusers_xl_canny_full.safetensors",
+                      "controlnet"),
 }
 
 MODELS_NOTE = f"""Model files (see docs/workflows.md)
@@ -84,6 +95,14 @@ branch carries its style into the result (IP-Adapter weight 0.8, as in the paper
 
 COMPARE_NOTE = """Without aggregation: the main branch alone (plain KSampler, same seed, steps, cfg,
 sampler and scheduler). Compare it with the AMDM result to see what the aux branches transfer."""
+
+
+TITLE_HEIGHT = 30  # a node's title bar, drawn above its pos
+VIEW_SCALE = 0.6
+# Screen pixels between the window's top-left corner and the graph's in the saved view: the side bar is
+# 56 px wide in frontends 1.32 and 1.58, the tab bar and the floating breadcrumb / run bar end at ~90 px
+# (1.32's Nodes 2.0 rendering scales a classic layout by 1.2 when it opens it, moving the graph up).
+VIEW_MARGIN = (96, 150)
 
 
 class GraphBuilder:
@@ -168,12 +187,17 @@ class GraphBuilder:
         self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [x0, y0, x1 - x0, y1 - y0],
                             "color": color, "font_size": 24, "flags": {}})
 
-    def build(self, offset=(60, 140)):
+    def build(self):
         self._order()
+        # the saved view: the graph's top-left corner (title bars and group headers included) VIEW_MARGIN
+        # screen pixels from the window's, clear of the frontends' side bar and top bars
+        x0 = min([n["pos"][0] for n in self.nodes] + [g["bounding"][0] for g in self.groups])
+        y0 = min([n["pos"][1] - TITLE_HEIGHT for n in self.nodes] + [g["bounding"][1] for g in self.groups])
+        offset = [round(VIEW_MARGIN[0] / VIEW_SCALE - x0), round(VIEW_MARGIN[1] / VIEW_SCALE - y0)]
         return {
             "last_node_id": len(self.nodes), "last_link_id": len(self.links),
             "nodes": self.nodes, "links": self.links, "groups": self.groups, "config": {},
-            "extra": {"ds": {"scale": 0.6, "offset": list(offset)}, "frontendVersion": "1.32.9"},
+            "extra": {"ds": {"scale": VIEW_SCALE, "offset": offset}, "frontendVersion": "1.32.9"},
             "version": 0.4,
         }
 
@@ -200,12 +224,13 @@ def _default(node_type, name, spec):
 
 
 # Colours of the frontend's palette (node colour, background colour) and group colours.
+# The side output is cyan: red is what users read as an error.
 MAIN = ("#232", "#353")
 AUX = ("#223", "#335")
 STYLE = ("#323", "#535")
-PLAIN = ("#322", "#533")
+PLAIN = ("#233", "#355")
 GROUP_MAIN, GROUP_AUX, GROUP_STYLE, GROUP_AMDM, GROUP_PLAIN, GROUP_MODELS = (
-    "#8A8", "#88A", "#a1309b", "#b58b2a", "#A88", "#3f789e")
+    "#8A8", "#88A", "#a1309b", "#b58b2a", "#8AA", "#3f789e")
 
 
 # Node heights as the frontend 1.32 lays them out (it grows smaller declared sizes on load).
@@ -234,7 +259,7 @@ def common(g, with_migc=False, with_ip=False, migc_steps=None):
     g.connect(positive, 0, id_apply, "conditioning")
     g.connect(ckpt, "CLIP", id_apply, "clip")
     g.connect(id_loader, 0, id_apply, "interactdiffusion")
-    g.group("Main branch: InteractDiffusion (position + interaction)", [id_loader, id_apply], GROUP_MAIN)
+    g.group("Main: InteractDiffusion (interaction)", [id_loader, id_apply], GROUP_MAIN)
     branches = {"ckpt": ckpt, "latent": latent, "positive": positive, "negative": negative, "main": id_apply}
     y += 120 + APPLY_ID_HEIGHT + BLOCK_GAP
 
@@ -245,24 +270,23 @@ def common(g, with_migc=False, with_ip=False, migc_steps=None):
         g.connect(ckpt, "MODEL", migc_apply, "model")
         g.connect(ckpt, "CLIP", migc_apply, "clip")
         g.connect(migc_loader, 0, migc_apply, "migc")
-        g.group("Aux branch: MIGC (position + attributes)", [migc_loader, migc_apply], GROUP_AUX)
+        g.group("Aux: MIGC (attributes)", [migc_loader, migc_apply], GROUP_AUX)
         branches["migc"] = migc_apply
         y += 120 + APPLY_MIGC_HEIGHT + BLOCK_GAP
     if with_ip:
         ip_loader = g.add("AMDMIPAdapterLoader", (830, y), (400, 70), color=STYLE, models=[IPADAPTER],
                           ipadapter_file=IPADAPTER)
         vision = g.add("CLIPVisionLoader", (830, y + 120), (400, 70), color=STYLE, clip_name=CLIP_VISION)
-        image = g.add("LoadImage", (390, y), (380, 360), title="Style reference image", color=STYLE,
-                      image=STYLE_IMAGE)
         ip_apply = g.add("AMDMIPAdapterApply", (830, y + 240), (400, 170), color=STYLE, weight=0.8,
                          start_at=0.0, end_at=1.0)
+        image = g.add("LoadImage", (830, y + 460), (400, 360), title="Style reference image", color=STYLE,
+                      image=STYLE_IMAGE)
         g.connect(ckpt, "MODEL", ip_apply, "model")
         g.connect(ip_loader, 0, ip_apply, "ipadapter")
         g.connect(image, "IMAGE", ip_apply, "image")
         g.connect(vision, 0, ip_apply, "clip_vision")
-        style = g.note(STYLE_NOTE, (390, y + 420), (380, 110), title="Style reference")
-        g.group("Aux branch: IP-Adapter (style of the reference image)", [ip_loader, vision, image, ip_apply, style],
-                GROUP_STYLE)
+        style = g.note(STYLE_NOTE, (830, y + 870), (400, 110), title="Style reference")
+        g.group("Aux: IP-Adapter (reference style)", [ip_loader, vision, image, ip_apply, style], GROUP_STYLE)
         branches["ip"] = ip_apply
     return branches
 
@@ -276,47 +300,66 @@ def decode_and_save(g, latent, vae, pos, prefix, title):
     return decode, save
 
 
-def plain_branch(g, b, steps, pos):
+# The paper's sampling: DDIM (eta 0) with its timesteps, cfg 7.5, the example's seed.
+SD15_SAMPLING = {"seed": SEED, "cfg": 7.5, "sampler_name": "ddim", "scheduler": "ddim_uniform"}
+
+
+def branch(model, positive, negative):
+    """One AMDM branch: (node, output) of its MODEL, positive and negative CONDITIONING."""
+    return {"model": model, "positive": positive, "negative": negative}
+
+
+def connect_branch(g, sampler, br, suffix=""):
+    for socket in ("model", "positive", "negative"):
+        node, output = br[socket]
+        g.connect(node, output, sampler, socket + suffix)
+
+
+def plain_branch(g, main, latent, vae, sampling, steps, pos, note=None):
     """The side output: the main branch alone, with the same seed and sampling settings."""
-    sampler = g.add("KSampler", pos, (330, 270), title="Main branch WITHOUT aggregation", color=PLAIN, seed=SEED,
-                    steps=steps, cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
-    g.connect(b["ckpt"], "MODEL", sampler, "model")
-    g.connect(b["main"], 0, sampler, "positive")
-    g.connect(b["negative"], 0, sampler, "negative")
-    g.connect(b["latent"], 0, sampler, "latent_image")
-    decode, save = decode_and_save(g, sampler, b["ckpt"], (pos[0] + 390, pos[1]), "AMDM/without_aggregation",
+    sampler = g.add("KSampler", pos, (330, 270), title="Main branch WITHOUT aggregation", color=PLAIN,
+                    steps=steps, denoise=1.0, **sampling)
+    connect_branch(g, sampler, main)
+    g.connect(latent, 0, sampler, "latent_image")
+    decode, save = decode_and_save(g, sampler, vae, (pos[0] + 390, pos[1]), "AMDM/without_aggregation",
                                    "Without aggregation")
-    note = g.note(COMPARE_NOTE, (pos[0], pos[1] + 340), (330, 130), title="Compare")
+    note = g.note(note or COMPARE_NOTE, (pos[0], pos[1] + 340), (330, 130), title="Compare")
     g.group("Side output: the main branch alone (same seed)", [sampler, decode, save, note], GROUP_PLAIN)
 
 
-def amdm_sampler(g, b, aux, steps, s, weights, prefix, aggregation="paper"):
-    """AMDM Aggregate Sampler on the main branch + ``aux`` (the aux branches' MODEL nodes)."""
+def amdm_sampler(g, main, aux, latent, vae, sampling, steps, s, weights, prefix, aggregation="paper",
+                 mean_mode="reference", note=SAMPLER_NOTE, note_height=250, compare_note=None):
+    """AMDM Aggregate Sampler on the ``main`` branch and the ``aux`` branches (each cfg = the main cfg),
+    its decoded result and the side output."""
+    cfgs = {f"cfg_{k}": sampling["cfg"] for k in range(2, len(aux) + 2)}
+    extra = {f"weight_{k}": w for k, w in enumerate(weights[1:], start=3)}
     sampler = g.add("AMDMAggregateSampler", (1290, 120), (340, AMDM_SAMPLER_HEIGHT), title="AMDM Aggregate Sampler",
-                    seed=SEED, steps=steps, cfg=7.5, cfg_2=7.5, sampler_name="ddim", scheduler="ddim_uniform",
-                    denoise=1.0, weight_2=weights[0], aggregation_steps=s, aggregation=aggregation,
-                    deviation_step=0.3, mean_mode="reference", noise="independent",
-                    **({"weight_3": weights[1], "cfg_3": 7.5} if len(weights) > 1 else {}))
-    g.connect(b["ckpt"], "MODEL", sampler, "model")
-    g.connect(b["main"], 0, sampler, "positive")
-    g.connect(b["negative"], 0, sampler, "negative")
-    g.connect(b["latent"], 0, sampler, "latent_image")
-    for k, model in enumerate(aux, start=2):
-        g.connect(model, 0, sampler, f"model_{k}")
-        g.connect(b["positive"], 0, sampler, f"positive_{k}")
-        g.connect(b["negative"], 0, sampler, f"negative_{k}")
-    decode, save = decode_and_save(g, sampler, b["ckpt"], (1680, 120), prefix, "AMDM result")
-    note = g.note(SAMPLER_NOTE, (1680, 660), (700, 250), title="AMDM parameters")
+                    steps=steps, denoise=1.0, weight_2=weights[0], aggregation_steps=s, aggregation=aggregation,
+                    deviation_step=0.3, mean_mode=mean_mode, noise="independent", **sampling, **cfgs, **extra)
+    connect_branch(g, sampler, main)
+    g.connect(latent, 0, sampler, "latent_image")
+    for k, aux_branch in enumerate(aux, start=2):
+        connect_branch(g, sampler, aux_branch, f"_{k}")
+    decode, save = decode_and_save(g, sampler, vae, (1680, 120), prefix, "AMDM result")
+    note = g.note(note, (1680, 660), (700, note_height), title="AMDM parameters")
     g.group("AMDM: the branches sample in lockstep and merge during steps 1..s", [sampler, decode, save, note],
             GROUP_AMDM)
-    plain_branch(g, b, steps, (1290, 120 + AMDM_SAMPLER_HEIGHT + BLOCK_GAP + 120))
+    plain_branch(g, main, latent, vae, sampling, steps, (1290, 120 + AMDM_SAMPLER_HEIGHT + BLOCK_GAP + 120),
+                 compare_note)
+
+
+def sd15_sampler(g, b, aux_models, steps, s, weights, prefix, aggregation="paper"):
+    """amdm_sampler on an SD1.5 graph of ``common``: InteractDiffusion main, the aux MODEL nodes with the caption."""
+    main = branch((b["ckpt"], "MODEL"), (b["main"], 0), (b["negative"], 0))
+    aux = [branch((model, 0), (b["positive"], 0), (b["negative"], 0)) for model in aux_models]
+    amdm_sampler(g, main, aux, b["latent"], b["ckpt"], SD15_SAMPLING, steps, s, weights, prefix, aggregation)
 
 
 def interactdiffusion_migc(nodes):
     """Paper section 4.1: InteractDiffusion(+MIGC), 50 DDIM steps, s = 20, w = 0.5, p = 0.3, cfg 7.5."""
     g = GraphBuilder(nodes)
     b = common(g, with_migc=True, migc_steps=25)
-    amdm_sampler(g, b, [b["migc"]], steps=50, s=20, weights=[0.5], prefix="AMDM/interactdiffusion_migc")
+    sd15_sampler(g, b, [b["migc"]], steps=50, s=20, weights=[0.5], prefix="AMDM/interactdiffusion_migc")
     return g.build()
 
 
@@ -324,7 +367,7 @@ def interactdiffusion_ipadapter(nodes):
     """InteractDiffusion(+IP-Adapter): 10 DDIM steps, s = 5, w = 0.5, IP-Adapter weight 0.8."""
     g = GraphBuilder(nodes)
     b = common(g, with_ip=True)
-    amdm_sampler(g, b, [b["ip"]], steps=10, s=5, weights=[0.5], prefix="AMDM/interactdiffusion_ipadapter")
+    sd15_sampler(g, b, [b["ip"]], steps=10, s=5, weights=[0.5], prefix="AMDM/interactdiffusion_ipadapter")
     return g.build()
 
 
@@ -332,7 +375,7 @@ def interactdiffusion_migc_ipadapter(nodes):
     """Three models, the paper's aggregation: 10 steps, s = 5, w1 = 0.5, w2 = 0.65."""
     g = GraphBuilder(nodes)
     b = common(g, with_migc=True, with_ip=True, migc_steps=5)
-    amdm_sampler(g, b, [b["migc"], b["ip"]], steps=10, s=5, weights=[0.5, 0.65],
+    sd15_sampler(g, b, [b["migc"], b["ip"]], steps=10, s=5, weights=[0.5, 0.65],
                  prefix="AMDM/interactdiffusion_migc_ipadapter")
     return g.build()
 
@@ -409,7 +452,8 @@ def amdm_by_hand(nodes):
     g.group("Merge (Slerp Latent Merge) + deviation optimization (Deviation Correct)", merge_nodes, GROUP_AMDM)
     g.group("Aux branch (MIGC): steps 0..s only", aux_nodes, GROUP_AUX)
     g.note(BY_HAND_NOTE, (x, merge_y), (700, 330), title="How this graph does AMDM")
-    plain_branch(g, b, total, (x, aux_y))
+    plain_branch(g, branch((ckpt, "MODEL"), (b["main"], 0), (b["negative"], 0)), b["latent"], ckpt, SD15_SAMPLING,
+                 total, (x, aux_y))
     return g.build()
 
 
@@ -473,12 +517,162 @@ def amdm_guider(nodes):
     return g.build()
 
 
+CONTROL_NOTE = """Load a photo whose outlines the image should follow ('choose file to upload' above);
+the Canny node turns it into an edge map for the ControlNet (raise the thresholds for fewer edges)."""
+
+CONTROLNET_COLUMN_HEIGHT = 1060  # the main branch's column of controlnet_nodes, its group header included
+
+
+def controlnet_nodes(g, controlnet_file, strength):
+    """The main branch's column: photo -> Canny -> ControlNet Apply (Advanced) with the loaded ControlNet,
+    and its note; returns (photo, canny, loader, apply), the apply node's prompts left to connect."""
+    photo = g.add("LoadImage", (830, 0), (400, 340), title="Control image (a photo)", color=MAIN, image=CONTROL_IMAGE)
+    canny = g.add("Canny", (830, 390), (400, 82), color=MAIN, low_threshold=0.4, high_threshold=0.8)
+    loader = g.add("ControlNetLoader", (830, 520), (400, 60), color=MAIN, models=[controlnet_file],
+                   control_net_name=controlnet_file)
+    control = g.add("ControlNetApplyAdvanced", (830, 630), (400, 230), color=MAIN, strength=strength,
+                    start_percent=0.0, end_percent=1.0)
+    g.connect(photo, "IMAGE", canny, "image")
+    g.connect(loader, 0, control, "control_net")
+    g.connect(canny, 0, control, "image")
+    note = g.note(CONTROL_NOTE, (830, 910), (400, 110), title="Control image")
+    g.group("Main: Canny ControlNet (layout)", [photo, canny, loader, control, note], GROUP_MAIN)
+    return photo, canny, loader, control
+
+
+FLUX_CAPTION = "a lighthouse on a rocky coast at sunset, waves breaking on the rocks, dramatic clouds"
+FLUX_SAMPLING = {"seed": SEED, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"}
+FLUX_SIZE = 1024
+
+FLUX_MODELS_NOTE = f"""Model files (see docs/workflows.md)
+models/checkpoints/{FLUX_CHECKPOINT}  (Hugging Face: Comfy-Org/flux1-dev; UNet, CLIP-L, T5 and VAE in one file)
+models/controlnet/{FLUX_CONTROLNET}  (Hugging Face: XLabs-AI/flux-controlnet-canny-v3)
+models/style_models/{FLUX_REDUX}  (Hugging Face: black-forest-labs/FLUX.1-Redux-dev, accept its license)
+models/clip_vision/{SIGCLIP_VISION}  (Hugging Face: Comfy-Org/sigclip_vision_384)
+
+One checkpoint loader feeds both branches: they are clones of one Flux model, so it is in memory once."""
+
+FLUX_SAMPLER_NOTE = """AMDM Aggregate Sampler on Flux
+- model/positive/negative: the MAIN branch (Canny ControlNet: the layout); model_2...: the aux branch
+  (Redux: the style of the reference image). Its image is the main branch's, with the aux branch's
+  influence merged in during steps 1..s.
+- cfg 1: Flux dev is guidance-distilled; its guidance is the FluxGuidance node (3.5), so the negative
+  prompt is not used (the sampler still needs one).
+- aggregation_steps s = 8 of 20, weight_2 0.5, deviation_step p 0.3: as on SD1.5; a larger s or weight
+  carries more of the style, a smaller one keeps more of the ControlNet's outlines.
+- mean_mode auto = exact on Flux (a rectified-flow model has no DDPM table for the paper's mean).
+- sampler euler + scheduler simple, as ComfyUI's Flux examples."""
+
+FLUX_STYLE_NOTE = """Load an image in the style you want ('choose file to upload' above); Redux turns its
+SigLIP features into extra prompt tokens of the aux branch (Apply Style Model, strength 1)."""
+
+
+def flux_controlnet_redux(nodes):
+    """Flux dev: a Canny-ControlNet main branch and a Redux (reference image style) aux branch."""
+    g = GraphBuilder(nodes)
+    ckpt = g.add("CheckpointLoaderSimple", (0, 380), (330, 100), models=[FLUX_CHECKPOINT], ckpt_name=FLUX_CHECKPOINT)
+    latent = g.add("EmptySD3LatentImage", (0, 560), (330, 110), width=FLUX_SIZE, height=FLUX_SIZE, batch_size=1)
+    caption = g.add("CLIPTextEncode", (390, 380), (380, 140), title="Caption (positive)", text=FLUX_CAPTION)
+    guidance = g.add("FluxGuidance", (390, 580), (380, 60), guidance=3.5)
+    negative = g.add("CLIPTextEncode", (390, 700), (380, 100), title="Negative (not used at cfg 1)", text="")
+    for encoder in (caption, negative):
+        g.connect(ckpt, "CLIP", encoder, "clip")
+    g.connect(caption, 0, guidance, "conditioning")
+    g.group("One Flux checkpoint feeds both branches", [ckpt, latent, caption, guidance, negative], GROUP_MODELS)
+    g.note(FLUX_MODELS_NOTE, (0, 900), (770, 220), title="Model files")
+
+    photo, canny, loader, control = controlnet_nodes(g, FLUX_CONTROLNET, strength=0.7)
+    g.connect(guidance, 0, control, "positive")
+    g.connect(negative, 0, control, "negative")
+
+    y = CONTROLNET_COLUMN_HEIGHT + BLOCK_GAP
+    style_loader = g.add("StyleModelLoader", (830, y), (400, 60), color=STYLE, style_model_name=FLUX_REDUX)
+    vision = g.add("CLIPVisionLoader", (830, y + 110), (400, 60), color=STYLE, models=[SIGCLIP_VISION],
+                   clip_name=SIGCLIP_VISION)
+    image = g.add("LoadImage", (830, y + 220), (400, 340), title="Style reference image", color=STYLE,
+                  image=STYLE_IMAGE)
+    encode = g.add("CLIPVisionEncode", (830, y + 610), (400, 80), color=STYLE, crop="center")
+    style = g.add("StyleModelApply", (830, y + 740), (400, 130), color=STYLE, strength=1.0, strength_type="multiply")
+    g.connect(vision, 0, encode, "clip_vision")
+    g.connect(image, "IMAGE", encode, "image")
+    g.connect(guidance, 0, style, "conditioning")
+    g.connect(style_loader, 0, style, "style_model")
+    g.connect(encode, 0, style, "clip_vision_output")
+    style_note = g.note(FLUX_STYLE_NOTE, (830, y + 920), (400, 110), title="Style reference")
+    g.group("Aux: Redux (reference style)", [style_loader, vision, image, encode, style, style_note], GROUP_STYLE)
+
+    main = branch((ckpt, "MODEL"), (control, 0), (control, 1))
+    aux = [branch((ckpt, "MODEL"), (style, 0), (negative, 0))]
+    amdm_sampler(g, main, aux, latent, ckpt, FLUX_SAMPLING, steps=20, s=8, weights=[0.5],
+                 prefix="AMDM/flux_controlnet_redux", mean_mode="auto", note=FLUX_SAMPLER_NOTE, note_height=300)
+    return g.build()
+
+
+SDXL_CAPTION = "a girl with red hair reading a book by the window of a cozy library, warm afternoon light"
+SDXL_NEGATIVE = "worst quality, low quality, blurry, watermark, text"
+SDXL_SAMPLING = {"seed": SEED, "cfg": 6.5, "sampler_name": "dpmpp_2m", "scheduler": "karras"}
+SDXL_SIZE = 1024
+
+SDXL_MODELS_NOTE = f"""Model files (see docs/workflows.md)
+models/checkpoints/{SDXL_CHECKPOINT}  (Hugging Face: stabilityai/stable-diffusion-xl-base-1.0)
+models/checkpoints/{SDXL_FINETUNE}  (Hugging Face: cagliostrolab/animagine-xl-3.1; any SDXL fine-tune works)
+models/controlnet/{SDXL_CONTROLNET}  (Hugging Face: lllyasviel/sd_control_collection, diffusers_xl_canny_full)
+
+Two checkpoints: the aux branch is a second SDXL model (two UNets in memory); both must be SDXL."""
+
+SDXL_SAMPLER_NOTE = """AMDM Aggregate Sampler on SDXL
+- model/positive/negative: the MAIN branch (SDXL base with a Canny ControlNet: the layout);
+  model_2...: the aux branch (a fine-tune, here Animagine XL: its look). Each branch has its own
+  prompts, encoded by its own checkpoint's text encoders.
+- aggregation_steps s = 10 of 30, weight_2 0.5, deviation_step p 0.3: a larger s or weight carries more
+  of the fine-tune's look, a smaller one keeps more of the base model and the ControlNet.
+- mean_mode auto = reference on SDXL (the paper's mean, from the model's DDPM table).
+- sampler dpmpp_2m + scheduler karras, cfg 6.5 on both branches."""
+
+
+def sdxl_controlnet_finetune(nodes):
+    """SDXL: a Canny-ControlNet main branch on the base model and an aux branch on a fine-tune."""
+    g = GraphBuilder(nodes)
+    base = g.add("CheckpointLoaderSimple", (0, 380), (330, 100), title="Load Checkpoint (SDXL base)",
+                 models=[SDXL_CHECKPOINT], ckpt_name=SDXL_CHECKPOINT)
+    latent = g.add("EmptyLatentImage", (0, 560), (330, 110), width=SDXL_SIZE, height=SDXL_SIZE, batch_size=1)
+    caption = g.add("CLIPTextEncode", (390, 380), (380, 140), title="Caption (base)", text=SDXL_CAPTION)
+    negative = g.add("CLIPTextEncode", (390, 580), (380, 120), title="Negative (base)", text=SDXL_NEGATIVE)
+    for encoder in (caption, negative):
+        g.connect(base, "CLIP", encoder, "clip")
+    g.group("SDXL base: the main branch's model", [base, latent, caption, negative], GROUP_MODELS)
+    g.note(SDXL_MODELS_NOTE, (0, 1340), (770, 200), title="Model files")
+
+    photo, canny, loader, control = controlnet_nodes(g, SDXL_CONTROLNET, strength=0.6)
+    g.connect(caption, 0, control, "positive")
+    g.connect(negative, 0, control, "negative")
+
+    y = 920
+    finetune = g.add("CheckpointLoaderSimple", (0, y), (330, 100), title="Load Checkpoint (SDXL fine-tune)", color=AUX,
+                     models=[SDXL_FINETUNE], ckpt_name=SDXL_FINETUNE)
+    aux_caption = g.add("CLIPTextEncode", (390, y), (380, 140), title="Caption (fine-tune)", color=AUX,
+                        text=SDXL_CAPTION)
+    aux_negative = g.add("CLIPTextEncode", (390, y + 200), (380, 120), title="Negative (fine-tune)", color=AUX,
+                         text=SDXL_NEGATIVE)
+    for encoder in (aux_caption, aux_negative):
+        g.connect(finetune, "CLIP", encoder, "clip")
+    g.group("Aux: an SDXL fine-tune (its look)", [finetune, aux_caption, aux_negative], GROUP_AUX)
+
+    main = branch((base, "MODEL"), (control, 0), (control, 1))
+    aux = [branch((finetune, "MODEL"), (aux_caption, 0), (aux_negative, 0))]
+    amdm_sampler(g, main, aux, latent, base, SDXL_SAMPLING, steps=30, s=10, weights=[0.5],
+                 prefix="AMDM/sdxl_controlnet_finetune", mean_mode="auto", note=SDXL_SAMPLER_NOTE, note_height=270)
+    return g.build()
+
+
 WORKFLOWS = {
     "amdm_interactdiffusion_migc": interactdiffusion_migc,
     "amdm_interactdiffusion_ipadapter": interactdiffusion_ipadapter,
     "amdm_interactdiffusion_migc_ipadapter": interactdiffusion_migc_ipadapter,
     "amdm_by_hand": amdm_by_hand,
     "amdm_guider": amdm_guider,
+    "amdm_flux_controlnet_redux": flux_controlnet_redux,
+    "amdm_sdxl_controlnet_finetune": sdxl_controlnet_finetune,
 }
 
 
@@ -493,8 +687,7 @@ def registered_nodes():
     return nodes.NODE_CLASS_MAPPINGS
 
 
-def write_workflows():
-    classes = registered_nodes()
+def write_workflows(classes):
     os.makedirs(WORKFLOW_DIR, exist_ok=True)
     paths = []
     for name, build in WORKFLOWS.items():
@@ -523,23 +716,49 @@ def style_reference_image(path, size=256):
     return path
 
 
-def stage_placeholder_files(base_dir):
-    """Empty files under the expected model names (enough for the frontend's lists) + the style image."""
-    for folder, name in MODEL_FILES.items():
+def control_photo_image(path, size=256):
+    """A drawn stand-in for the ControlNet workflows' photo (a tower on a rock at the sea, clear outlines);
+    users replace it with a photo of the layout they want."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), (120, 160, 210))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, size * 0.62, size, size), fill=(40, 80, 130))                        # sea
+    draw.polygon([(size * 0.15, size), (size * 0.35, size * 0.55), (size * 0.75, size * 0.6),
+                  (size * 0.95, size)], fill=(90, 80, 70))                                  # rock
+    draw.polygon([(size * 0.47, size * 0.58), (size * 0.5, size * 0.2), (size * 0.56, size * 0.2),
+                  (size * 0.6, size * 0.58)], fill=(235, 230, 220))                         # tower
+    draw.rectangle((size * 0.48, size * 0.12, size * 0.58, size * 0.2), fill=(250, 220, 120))  # lamp
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image.save(path)
+    return path
+
+
+def stage_placeholder_files(base_dir, classes):
+    """Empty files under every model name the workflows load (enough for the frontend's lists) and the
+    two input images."""
+    workflows = []
+    for name in WORKFLOWS:
+        with open(os.path.join(WORKFLOW_DIR, name + ".json")) as fh:
+            workflows.append(json.load(fh))
+    for folder, name in expected_files(workflows, lambda node_type: classes[node_type].INPUT_TYPES()):
+        if folder == "input":
+            continue
         path = os.path.join(base_dir, "models", folder, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         open(path, "wb").close()
     style_reference_image(os.path.join(base_dir, "input", STYLE_IMAGE))
+    control_photo_image(os.path.join(base_dir, "input", CONTROL_IMAGE))
 
 
-def write_screenshots():
+def write_screenshots(classes):
     """Thumbnails (workflows/<name>.jpg) and docs screenshots from the real frontend."""
     from PIL import Image
 
     from harness import browser
 
     base_dir = os.path.join(tempfile.mkdtemp(prefix="amdm_shots_"), "base")
-    stage_placeholder_files(base_dir)
+    stage_placeholder_files(base_dir, classes)
     # full-detail rendering at any zoom, so that the whole graph fits one readable picture
     with browser.ComfyUISession(base_dir, tiny_models=False, viewport=(2400, 1500),
                                 settings={"LiteGraph.Canvas.MinFontSizeForLOD": 1,
@@ -566,9 +785,10 @@ def main():
     parser.add_argument("--screenshots", action="store_true",
                         help="also render thumbnails and docs screenshots in headless Chromium")
     args = parser.parse_args()
-    write_workflows()
+    classes = registered_nodes()
+    write_workflows(classes)
     if args.screenshots:
-        write_screenshots()
+        write_screenshots(classes)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,9 @@ for candidate in /usr/lib/chromium/chromium /usr/bin/chromium /usr/bin/chromium-
         exit 0
     fi
 done
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "[setup_browser] no chromium found and no apt-get: install Chromium and set CHROMIUM=/path/to/it" >&2
-    exit 1
-fi
-sudo=()
-if [ "$(id -u)" != 0 ]; then
-    sudo=(sudo)
-fi
 echo "[setup_browser] installing Debian's chromium (about a minute)"
-"${sudo[@]}" apt-get update -qq
-DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends chromium >/dev/null
+bash "$(dirname "$0")/apt_install.sh" chromium || {
+    echo "[setup_browser] no chromium found: install Chromium and set CHROMIUM=/path/to/it" >&2
+    exit 1
+}
 echo "[setup_browser] ready: $(command -v chromium)"

@@ -7,7 +7,8 @@ scripts/setup_browser.sh) drives it. One server and browser per frontend serve b
 Every shipped workflow is loaded as the template browser serves it; missing nodes are read from a
 stable signal (the graph's node types against the frontend's registered types and the server's
 /object_info) and from the visible notice of each frontend (1.32: a dialog, 1.58: the error panel), with
-negative controls for both; the box editor is used with real mouse events and its canvas measured;
+negative controls for both; the saved view leaves every title in the window clear of the side bar and the
+top bars; the box editor is used with real mouse events, its canvas measured and its hint read whole;
 workflow 1 is queued and its images awaited. Screenshots go to test-artifacts/browser/comfyui-<version>/<leg>/.
 The queued run uses tiny generated weights under the workflow's file names and, for CPU time, the
 workflow at 128 x 128 with 6 steps (s = 2) instead of 512 x 512 with 50 steps (s = 20).
@@ -47,13 +48,14 @@ def sessions(tmp_path_factory, input_types, comfy_base, tiny_checkpoint):
 
     files = expected_files([load_workflow(name) for name in shipped_workflows()], input_types)
     checkpoint = os.path.join(comfy_base, "models", "checkpoints", tiny_checkpoint)
+    store = str(tmp_path_factory.mktemp("browser_files"))  # one copy of the stand-ins for both frontends
     playwright = sync_playwright().start()
     started = {}
 
     def session(frontend):
         if frontend not in started:
             base = str(tmp_path_factory.mktemp(f"browser_{frontend}") / "base")
-            stage_files(base, files, checkpoint)
+            stage_files(base, files, checkpoint, store_dir=store)
             started[frontend] = ComfyUISession(base, frontend=frontend, playwright=playwright).__enter__()
         return started[frontend]
 
@@ -118,6 +120,7 @@ def test_shipped_workflow_loads_cleanly(ui, leg, name, input_types):
     assert workflow == load_workflow(name)
     ui.page.wait_for_timeout(1500)  # the missing-nodes notice appears ~0.3 s after loading
     screenshot(ui, leg, name)
+    assert ui.titles_under_chrome() == [], "the saved view puts titles under the side bar or the top bars"
     assert ui.unregistered_node_types() == []
     assert {n["type"] for n in workflow["nodes"]} <= server_node_types(ui)
     assert not ui.missing_nodes_notice_shown()
@@ -296,6 +299,41 @@ def test_box_editor_draws_an_interaction(ui, leg):
     assert_box(subject, (420, 220, 500, 330))
     assert_box(obj, (425, 360, 505, 500))
     screenshot(ui, leg, "box_editor_interaction")
+
+
+def label_fields(ui, nid):
+    return ui.page.evaluate("""(id) => [...document.querySelectorAll(`[data-amdm-box-editor="${id}"] input`)]
+                                  .map(i => [i.value, i.placeholder])""", nid)
+
+
+def test_box_editor_hint_is_whole_and_the_fields_show_only_a_selected_box(ui, leg):
+    """The hint under the canvas is shown whole (no clipped line, its last character not covered); the
+    label fields are empty (placeholders only) until a box is selected, show its phrases while it is, and
+    empty again when it is deselected (Esc)."""
+    ui.load_workflow(load_workflow("amdm_interactdiffusion_migc"))
+    for node_type, names in (("InteractDiffusionApply", ["subject", "action", "object"]), ("MIGCApply", ["phrase"])):
+        nid = show_node(ui, node_type)
+        hint = ui.page.evaluate("""(id) => {
+            const el = document.querySelector(`[data-amdm-box-editor="${id}"] .amdm-box-editor-hint`);
+            const range = document.createRange();
+            range.setStart(el.firstChild, el.textContent.length - 1);
+            range.setEnd(el.firstChild, el.textContent.length);
+            const last = range.getBoundingClientRect();
+            return {text: el.textContent,
+                    overflow: [el.scrollWidth - el.clientWidth, el.scrollHeight - el.clientHeight],
+                    lastShown: document.elementFromPoint(last.x + last.width / 2, last.y + last.height / 2) === el};
+        }""", nid)
+        assert hint["text"].startswith("Drag") and hint["overflow"][0] <= 0 and hint["overflow"][1] <= 0, hint
+        assert hint["lastShown"], f"{node_type}: the end of the hint is cut off or covered: {hint['text']!r}"
+        assert label_fields(ui, nid) == [["", name] for name in names]
+        frame = ImageFrame(ui, nid, 512, 512)
+        ui.page.mouse.click(*frame.page(300, 250))  # inside the girl's box
+        widget = "interactions" if node_type == "InteractDiffusionApply" else "instances"
+        line = text_of(ui, nid, widget).splitlines()[0]
+        assert [value for value, _ in label_fields(ui, nid)] == [f.strip() for f in line.split("|")[:len(names)]]
+        ui.page.keyboard.press("Escape")
+        assert label_fields(ui, nid) == [["", name] for name in names]
+    screenshot(ui, leg, "box_editor_hint")
 
 
 def test_box_editor_is_read_only_when_its_text_is_linked(ui, leg):

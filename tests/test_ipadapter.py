@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import tiny_ipadapter
+from harness import tiny_clip_vision, tiny_ipadapter
 
 CLIP_VISION_FILE = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 BASE_FILE, PLUS_FILE = "ip-adapter_sd15.safetensors", "ip-adapter-plus_sd15.safetensors"
@@ -28,7 +28,7 @@ def ipa(pack, comfy):
     import folder_paths
 
     models = folder_paths.models_dir
-    tiny_ipadapter.write_tiny_clip_vision(os.path.join(models, "clip_vision", CLIP_VISION_FILE))
+    tiny_clip_vision.write_tiny_clip_vision(os.path.join(models, "clip_vision", CLIP_VISION_FILE))
     for name, plus in ((BASE_FILE, False), (PLUS_FILE, True)):
         tiny_ipadapter.write_tiny_ipadapter(os.path.join(models, "ipadapter", name), seed=0, plus=plus)
     loader = comfy.NODE_CLASS_MAPPINGS["AMDMIPAdapterLoader"]()

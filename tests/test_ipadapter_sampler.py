@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from harness import tiny_ipadapter
+from harness import tiny_clip_vision, tiny_ipadapter
 
 SD15_BLOCKS = {("input", i) for i in (1, 2, 4, 5, 7, 8)} | {("output", i) for i in range(3, 12)} | {("middle", 0)}
 # keys as the other pack writes them: its middle block key ("middle", 1) is never called by ComfyUI
@@ -90,7 +90,7 @@ def styled_model(comfy, model, weight=0.8):
 
     models = folder_paths.models_dir
     clip_file = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
-    tiny_ipadapter.write_tiny_clip_vision(os.path.join(models, "clip_vision", clip_file))
+    tiny_clip_vision.write_tiny_clip_vision(os.path.join(models, "clip_vision", clip_file))
     tiny_ipadapter.write_tiny_ipadapter(os.path.join(models, "ipadapter", "ip-adapter_sd15.safetensors"))
     clip_vision = comfy.CLIPVisionLoader().load_clip(clip_file)[0]
     adapter = comfy.NODE_CLASS_MAPPINGS["AMDMIPAdapterLoader"]().load("ip-adapter_sd15.safetensors")[0]

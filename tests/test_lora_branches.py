@@ -12,7 +12,7 @@ import pytest
 import torch
 from node_calls import amdm, empty_latent, ksampler
 
-from harness import tiny_ipadapter, tiny_lora, tiny_models
+from harness import tiny_clip_vision, tiny_ipadapter, tiny_lora, tiny_models
 
 WINDOW = 3  # s, with node_calls.STEPS = 5 sampling steps
 
@@ -52,7 +52,7 @@ def with_ipadapter(comfy, pack_module, patcher):
     import folder_paths
 
     clip_file = "amdm_test_clip_vision.safetensors"
-    tiny_ipadapter.write_tiny_clip_vision(os.path.join(folder_paths.models_dir, "clip_vision", clip_file))
+    tiny_clip_vision.write_tiny_clip_vision(os.path.join(folder_paths.models_dir, "clip_vision", clip_file))
     load, patch = pack_module("adapters.ipadapter.load"), pack_module("adapters.ipadapter.patch")
     adapter = load.ipadapter_from_state_dict(tiny_ipadapter.ipadapter_state_dict(seed=7), "tiny ip-adapter")
     reference = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(8))

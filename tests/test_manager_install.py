@@ -11,6 +11,7 @@ A registry install unpacks the zip `comfy node pack` built into custom_nodes/<no
 second folder name, where the server must serve the same.
 """
 import io
+import json
 import os
 import re
 import shutil
@@ -29,6 +30,15 @@ CLONE_NAME = "comfyui-amdm"  # the folder name a `git clone` of the repository g
 # What runs in ComfyUI, plus the license and the metadata: the registry zip's top-level entries.
 ZIP_TOP_LEVEL = {"__init__.py", "LICENSE", "README.md", "pyproject.toml", "requirements.txt",
                  "adapters", "amdm_core", "comfy_bridge", "nodes", "web", "workflows"}
+
+
+# node-semver, installed pinned by scripts/setup_node_tools.sh (make test runs it)
+NODE_SEMVER = os.path.join(REPO_ROOT, ".node_modules_test", "node_modules", "semver")
+# The ComfyUI versions the Manager must not flag: the two tested ones and the newest users run.
+COMFYUI_VERSIONS_ADMITTED = ("0.3.75", "0.33.0", "0.38.1")
+# comfy-cli's publish validation (comfy node validate / publish): every comma-separated part of
+# requires-comfyui is [operator]major.minor.patch[-suffix]; anything else drops the field with a warning.
+COMFY_CLI_VERSION_PART = re.compile(r"(?:(==|>=|<=|!=|~=|>|<|<>|=)\s*)?(\d+\.\d+\.\d+(?:-[a-zA-Z0-9]+)?)?")
 
 
 def pyproject():
@@ -140,7 +150,6 @@ def test_registry_metadata():
     # the URL keys comfy-cli reads (Homepage, Documentation, Repository, Issues)
     assert set(project["urls"]) <= {"Homepage", "Documentation", "Repository", "Issues"}
     assert all(project["urls"][key].startswith("https://") for key in ("Repository", "Documentation", "Issues"))
-    assert re.fullmatch(r">=\d+\.\d+\.\d+,<=\d+\.\d+\.\d+", comfy["requires-comfyui"])
     assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["Icon"].startswith("https://")
     icon = os.path.join(REPO_ROOT, *comfy["Icon"].split("/main/", 1)[1].split("/"))
     with Image.open(icon) as image:  # the registry's limits: SVG/PNG/JPG/GIF, at most 800 x 400
@@ -148,3 +157,26 @@ def test_registry_metadata():
     with open(os.path.join(REPO_ROOT, "requirements.txt")) as fh:
         requirements = [line.split("#")[0].strip() for line in fh]
     assert not any(re.match(r"(torch|torchvision|torchaudio)\b", r) for r in requirements if r)
+
+
+def manager_admits(versions, version_range):
+    """For each version, what the Manager of frontend 1.5x decides (useConflictDetection ->
+    checkVersionCompatibility): semver.satisfies(semver.clean(version) || version, range), run by node-semver."""
+    if not os.path.isfile(os.path.join(NODE_SEMVER, "package.json")):
+        raise FileNotFoundError(f"node-semver is not installed at {NODE_SEMVER}: run bash scripts/setup_node_tools.sh")
+    script = ("const semver = require(process.argv[1]); const [range, ...versions] = process.argv.slice(2);"
+              "console.log(JSON.stringify(versions.map(v => semver.satisfies(semver.clean(v) || v, range))));")
+    result = subprocess.run(["node", "-e", script, NODE_SEMVER, version_range, *versions],
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
+def test_requires_comfyui_is_read_as_meant_by_the_manager_and_by_comfy_cli():
+    """The range admits both tested ComfyUIs and the newer ones users run, in node-semver (what the
+    Manager evaluates) and in comfy-cli's format; it is not vacuous (an older ComfyUI is flagged), and the
+    comma form it replaces is what node-semver rejects for every version."""
+    version_range = pyproject()["tool"]["comfy"]["requires-comfyui"]
+    assert manager_admits(COMFYUI_VERSIONS_ADMITTED, version_range) == [True] * len(COMFYUI_VERSIONS_ADMITTED)
+    assert manager_admits(["v0.3.75", "0.3.74"], version_range) == [True, False]
+    assert all(COMFY_CLI_VERSION_PART.fullmatch(part.strip()) for part in version_range.split(","))
+    assert manager_admits(COMFYUI_VERSIONS_ADMITTED, ">=0.3.75,<=0.33.0") == [False] * 3

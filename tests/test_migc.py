@@ -80,19 +80,17 @@ def spies(patched, weights):
             hook.remove()
 
 
-def record_attn2(patched, block):
-    """A clone that records the input and (final) output of attn2 at ``block``."""
+def record_attn2(patched):
+    """A clone that records the input and (final) output of attn2 in every block: {block: {"n", "out"}}."""
     recorded = {}
     clone = patched.clone()
 
     def record_in(n, context, value, extra):
-        if extra["block"] == block:
-            recorded["n"], recorded["context"] = n.clone(), context.clone()
+        recorded.setdefault(extra["block"], {})["n"] = n.clone()
         return n, context, value
 
     def record_out(out, extra):
-        if extra["block"] == block:
-            recorded["out"] = out.clone()
+        recorded[extra["block"]]["out"] = out.clone()
         return out
 
     clone.set_model_attn2_patch(record_in)
@@ -118,6 +116,33 @@ def hand_cross_attention(attn2, n, context):
     weights = torch.softmax(split(q) @ split(k).transpose(-1, -2) / d ** 0.5, dim=-1)
     out = (weights @ split(v)).permute(0, 2, 1, 3).reshape(n.shape[0], n.shape[1], heads * d)
     return out @ attn2.to_out[0].weight.T + attn2.to_out[0].bias
+
+
+def reference_block_mode(step, has_migc_weights, migc_steps, naive_fuser_steps, instance_count):
+    """The reference MIGCProcessor's rule, transcribed: not_use_migc holds on a block without MIGC weights
+    and after MIGCsteps; the block is vanilla cross-attention where not_use_migc and the step is past
+    NaiveFuserSteps, or with no instance; else MIGC, or the NaiveFuser where not_use_migc."""
+    not_use_migc = not has_migc_weights or step > migc_steps
+    if instance_count == 0 or (not_use_migc and step > naive_fuser_steps):
+        return "plain"
+    return "naive" if not_use_migc else "migc"
+
+
+def box_mask_on_grid(box, tokens, size=WIDTH):
+    """[tokens, 1]: 1 where a cell of the block's square grid has its centre inside the pixel box (what
+    the bilinear resizes give exactly for boxes whose edges lie on every grid's cell edges)."""
+    side = int(tokens ** 0.5)
+    centres = (torch.arange(side) + 0.5) * size / side
+    x0, y0, x1, y1 = box
+    inside_x = (centres >= x0) & (centres < x1)
+    inside_y = (centres >= y0) & (centres < y1)
+    return (inside_y[:, None] & inside_x[None, :]).float().reshape(tokens, 1)
+
+
+def reference_naive_fuse(caption_out, instance_outs, masks):
+    """MIGC's NaiveFuser: per token (CA(caption) + sum_i 10 M_i CA(phrase_i)) / (1 + sum_i 10 M_i + 1e-6)."""
+    numerator = caption_out + sum(10 * m * out for m, out in zip(masks, instance_outs))
+    return numerator / (1 + sum(10 * m for m in masks) + 1e-6)
 
 
 # ---------------------------------------------------------------- file format and loader
@@ -226,14 +251,10 @@ def test_position_boxes_and_fourier_features_by_hand(patch_mod, pack_module):
     assert torch.allclose(features[32:40], torch.cat([torch.sin(10 * box), torch.cos(10 * box)]), atol=1e-6)
 
 
-def test_schedule_step_index_and_rows(pack_module, patch_mod):
+def test_schedule_step_index_and_rows(pack_module):
     common = pack_module("adapters.common")
     schedule = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0])
     assert [common.step_index(s, schedule) for s in (12.0, 10.0, 5.0, 3.0, 2.0, 1.0)] == [0, 0, 1, 1, 2, 3]
-    # MIGC's rule: MIGC while step <= MIGCsteps, then NaiveFuser while step <= NaiveFuserSteps
-    modes = [patch_mod.fusion_mode(step, 2, migc_steps=1, naive_fuser_steps=3) for step in range(5)]
-    assert modes == ["migc", "migc", "naive", "naive", None]
-    assert patch_mod.fusion_mode(0, 0, 10, 10) is None
 
     def rows(kinds, batch):
         return common.cond_rows({"cond_or_uncond": kinds}, batch)
@@ -288,7 +309,7 @@ def test_zero_instances_is_plain_cross_attention(tiny_model, migc, patch_mod):
     context = _contexts(4, 2)
     with spies(patched, migc.model) as (spied, record):
         out = call_unet(spied, x, 0, context, [1, 0])
-    assert sorted(set(record["replaced"])) == list(MIGC_BLOCKS) and record["migc"] == []
+    assert len(set(record["replaced"])) == 16 and record["migc"] == []  # NaiveFuser on: every cross-attention block
     assert torch.equal(out, call_unet(tiny_model, x, 0, context, [1, 0]))
 
 
@@ -303,9 +324,9 @@ def test_naive_fuser_output_and_instance_order_by_hand(tiny_model, migc, patch_m
     def run(ctxs, bxs):
         patched = patch_mod.patch_model(tiny_model, migc, ctxs, pooled, bxs, WIDTH, HEIGHT,
                                         migc_steps=-1, naive_fuser_steps=3)
-        clone, recorded = record_attn2(patched, block)
+        clone, recorded = record_attn2(patched)
         call_unet(clone, x, 2, context, [1, 0])
-        return recorded
+        return recorded[block]
 
     recorded = run(contexts, boxes)
     attn2 = patch_mod.find_attn2(tiny_model.model.diffusion_model, block)
@@ -317,8 +338,9 @@ def test_naive_fuser_output_and_instance_order_by_hand(tiny_model, migc, patch_m
     m1[:, :2] = 1
     m2 = torch.zeros(4, 4)
     m2[:2, 2:] = 1
-    m1, m2 = m1.reshape(1, 16, 1), m2.reshape(1, 16, 1)
-    expected = (ca[0] + 10 * m1 * ca[1] + 10 * m2 * ca[2]) / (1 + 10 * m1 + 10 * m2 + 1e-6)
+    m1, m2 = m1.reshape(16, 1), m2.reshape(16, 1)
+    assert torch.equal(m1, box_mask_on_grid(boxes[0], 16)) and torch.equal(m2, box_mask_on_grid(boxes[1], 16))
+    expected = reference_naive_fuse(ca[0], ca[1:], [m1, m2])
     assert_close(recorded["out"][:1], uncond)
     assert_close(recorded["out"][1:], expected)
     assert (expected - ca[0]).abs().max() > 1e-2  # the instances matter here
@@ -326,6 +348,60 @@ def test_naive_fuser_output_and_instance_order_by_hand(tiny_model, migc, patch_m
     assert_close(swapped, recorded["out"])
     mismatched = run(contexts[::-1], boxes)["out"]  # phrase 2 in box 1: different
     assert (mismatched - recorded["out"]).abs().max() > 1e-3
+
+
+def test_naive_fuser_runs_in_every_cross_attention_block_by_the_reference_rule(tiny_model, migc, patch_mod):
+    """With naive_fuser_steps >= the step, the NaiveFuser fuses in every cross-attention block, those
+    without MIGC weights included; MIGC blocks run MIGC up to migc_steps first; each block's output against
+    a hand computation (the reference rule, the NaiveFuser formula and plain cross-attention)."""
+    boxes = [(0, 0, 64, 128), (64, 0, 128, 64)]  # edges on the cells of every block's grid, down to 2x2
+    contexts, pooled = _instances(21, 2)
+    patched = patch_mod.patch_model(tiny_model, migc, contexts, pooled, boxes, WIDTH, HEIGHT,
+                                    migc_steps=1, naive_fuser_steps=3)
+    diffusion_model = tiny_model.model.diffusion_model
+    blocks = [("input", i) for i in (1, 2, 4, 5, 7, 8)] + [("middle", 0)] + [("output", i) for i in range(3, 12)]
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(22))
+    context = _contexts(23, 2)  # rows: [uncond, cond]
+    seen = set()
+    for step in range(5):
+        clone, recorded = record_attn2(patched)
+        with spies(clone, migc.model) as (spied, record):
+            call_unet(spied, x, step, context, [1, 0])
+        assert sorted(recorded) == sorted(blocks)
+        migc_blocks = sorted(block for block, _ in record["migc"])
+        expected = [b for b in blocks if reference_block_mode(step, b in MIGC_BLOCKS, 1, 3, 2) == "migc"]
+        assert migc_blocks == sorted(expected)
+        for block in blocks:
+            mode = reference_block_mode(step, block in MIGC_BLOCKS, 1, 3, 2)
+            seen.add((block in MIGC_BLOCKS, mode))
+            attn2 = patch_mod.find_attn2(diffusion_model, block)
+            n, out = recorded[block]["n"], recorded[block]["out"]
+            with torch.no_grad():
+                plain = [hand_cross_attention(attn2, n[row:row + 1], context[row:row + 1]) for row in (0, 1)]
+                phrases = [hand_cross_attention(attn2, n[1:], c) for c in contexts]
+            assert_close(out[:1], plain[0])  # the uncond row: always plain cross-attention
+            if mode == "plain":
+                assert_close(out[1:], plain[1])
+            elif mode == "naive":
+                masks = [box_mask_on_grid(box, n.shape[1]) for box in boxes]
+                assert_close(out[1:], reference_naive_fuse(plain[1], phrases, masks))
+                assert (out[1:] - plain[1]).abs().max() > 1e-3, block
+    # every case of the rule was met: MIGC, NaiveFuser and plain on MIGC blocks, NaiveFuser and plain elsewhere
+    assert seen == {(True, "migc"), (True, "naive"), (True, "plain"), (False, "naive"), (False, "plain")}
+
+
+def test_naive_fuser_off_patches_only_the_migc_blocks(tiny_model, migc, patch_mod):
+    """naive_fuser_steps = -1: only the four MIGC blocks are replaced, so an adapter on another block (an
+    IP-Adapter, say) keeps its patch; with the NaiveFuser on, such a block is refused with a clear error."""
+    other = tiny_model.clone()
+    other.set_model_attn2_replace(lambda q, k, v, extra: q, "input", 1)
+    contexts, pooled = _instances(24, 1)
+    off = patch_mod.patch_model(other, migc, contexts, pooled, [(0, 0, 64, 64)], WIDTH, HEIGHT, 5, -1)
+    replaced = off.model_options["transformer_options"]["patches_replace"]["attn2"]
+    assert sorted(key[:2] for key in replaced if key[:2] != ("input", 1)) == sorted(MIGC_BLOCKS)
+    refused = r"block \('input', 1\).*NaiveFuser runs on.*separate model branch"
+    with pytest.raises(patch_mod.MIGCApplyError, match=refused):
+        patch_mod.patch_model(other, migc, contexts, pooled, [(0, 0, 64, 64)], WIDTH, HEIGHT, 5, 0)
 
 
 def test_batch_two_with_cfg_and_cfg_one_match_single_image_calls(tiny_model, migc, patch_mod):

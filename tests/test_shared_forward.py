@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from harness import tiny_ipadapter
+from harness import tiny_clip_vision, tiny_ipadapter
 from harness.tiny_interactdiffusion import write_tiny_interactdiffusion
 from harness.tiny_migc import write_tiny_migc
 
@@ -36,7 +36,7 @@ def adapters(comfy, pack, comfy_base, checkpoint):
     write_tiny_interactdiffusion(os.path.join(models, "interactdiffusion", "ext_interactdiff_v1.2.pth"), seed=3)
     write_tiny_migc(os.path.join(models, "migc", "MIGC_SD14.ckpt"), seed=1)
     clip_file = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
-    tiny_ipadapter.write_tiny_clip_vision(os.path.join(models, "clip_vision", clip_file))
+    tiny_clip_vision.write_tiny_clip_vision(os.path.join(models, "clip_vision", clip_file))
     tiny_ipadapter.write_tiny_ipadapter(os.path.join(models, "ipadapter", "ip-adapter_sd15.safetensors"))
     _, clip, _ = checkpoint
     positive = comfy.CLIPTextEncode().encode(clip, "a person holding a cup next to an apple and a pear")[0]

@@ -10,7 +10,8 @@
 // frontend's widget box), so it is the same in the classic and the "Nodes 2.0" (Vue) rendering.
 import { app } from "../../scripts/app.js";
 
-// node type -> the text widget it edits, the phrase fields and the boxes of one line
+// node type -> the text widget it edits, the phrase fields (and the labels a new box gets while they are
+// empty) and the boxes of one line
 const EDITORS = {
     InteractDiffusionApply: {
         text: "interactions",
@@ -26,7 +27,8 @@ const HANDLE_PX = 7;        // corner grab radius, CSS pixels
 const MIN_BOX_PX = 4;       // a drag shorter than this (image pixels) is a click, not a box
 const SIDE_PX = 12;         // space kept on each side of the canvas: both renderings' node padding fits in it
 const AREA_PX = [160, 480]; // bounds of the canvas height
-const CHROME_PX = 48;       // label bar + hint line around the canvas
+const CHROME_PX = 60;       // label bar + the hint's two lines around the canvas
+const HINT_LINES = 2;       // the hint wraps within the node's width and is written to fit two lines
 
 function parseBox(field) {
     const parts = field.split(",").map((p) => p.trim());
@@ -73,6 +75,7 @@ class BoxEditor {
         this.selected = null;   // index into this.parsed.items
         this.drag = null;       // the gesture in progress
         this.pending = null;    // InteractDiffusion: a subject box waiting for its object box
+        this.showingBox = false; // the label fields hold the selected box's phrases
         this.signature = null;
         this.buildDom();
     }
@@ -122,11 +125,14 @@ class BoxEditor {
         });
         const bar = document.createElement("div");
         Object.assign(bar.style, { display: "flex", gap: "3px", alignItems: "center", minWidth: "0" });
+        // Empty while no box is selected (a prefilled phrase would read like the workflow's own); a new box
+        // takes what is typed here, else the spec's defaults.
         this.labelInputs = this.spec.phrases.map((name, i) => {
             const input = document.createElement("input");
             Object.assign(input, {
-                type: "text", placeholder: name, value: this.spec.defaults[i],
-                title: `${name} of the selected box, or of the next box you draw`,
+                type: "text", placeholder: name, value: "",
+                title: `${name} of the selected box; with no box selected, of the next box you draw ` +
+                       `(empty: "${this.spec.defaults[i]}")`,
             });
             input.dataset.phrase = name;
             Object.assign(input.style, {
@@ -143,7 +149,10 @@ class BoxEditor {
         del.addEventListener("click", () => this.deleteSelected());
         bar.append(del);
         this.hint = document.createElement("div");
-        Object.assign(this.hint.style, { minHeight: "13px", whiteSpace: "nowrap", overflow: "hidden" });
+        this.hint.className = "amdm-box-editor-hint";
+        Object.assign(this.hint.style, {
+            height: `${13 * HINT_LINES}px`, lineHeight: "13px", whiteSpace: "normal", overflowWrap: "anywhere",
+        });
         // the holder keeps the canvas centred when the frontend's widget box is wider than the canvas
         const holder = document.createElement("div");
         Object.assign(holder.style, { flex: "0 0 auto", display: "flex", justifyContent: "center" });
@@ -232,12 +241,15 @@ class BoxEditor {
         this.writeItem(this.selected, this.labels(), item.boxes);
     }
 
+    // The fields show the selected box's phrases; once it is deselected they empty again (what was typed
+    // with no box selected is kept: it labels the next box).
     syncLabelInputs() {
         const item = this.selected != null ? this.parsed.items[this.selected] : null;
-        if (!item) return;
+        if (!item && !this.showingBox) return;
         this.labelInputs.forEach((input, i) => {
-            if (document.activeElement !== input) input.value = item.phrases[i];
+            if (document.activeElement !== input) input.value = item ? item.phrases[i] : "";
         });
+        this.showingBox = Boolean(item);
     }
 
     preferredHeight() {
@@ -305,6 +317,7 @@ class BoxEditor {
             this.drag = { kind: hit.corner ? "resize" : "move", ...hit, start: p, origin, boxes };
         } else {
             if (!this.pending) this.selected = null;
+            this.syncLabelInputs();
             this.drag = { kind: "draw", start: p, box: [p[0], p[1], p[0], p[1]] };
         }
         this.render();
@@ -377,6 +390,7 @@ class BoxEditor {
         } else if (e.key === "Escape") {
             this.pending = null;
             this.selected = null;
+            this.syncLabelInputs();
             this.render();
         } else {
             return;
@@ -467,12 +481,15 @@ class BoxEditor {
         this.hint.textContent = this.hintText();
     }
 
+    // At most two lines at the narrowest node (400 px): the hint box is two lines high.
     hintText() {
         if (this.linked) return `${this.spec.text} comes from a link: edit the boxes at its source`;
-        const bad = this.parsed.rejected.length ? `  (line ${this.parsed.rejected.join(", ")} kept as typed)` : "";
         if (this.pending) return "now draw the object box (Esc cancels)";
-        if (this.spec.boxes.length === 2) return `drag: subject box, then object box; drag a box to move, a corner to resize; Del deletes${bad}`;
-        return `drag: new box; drag a box to move, a corner to resize; Del deletes${bad}`;
+        const rejected = this.parsed.rejected;
+        const bad = rejected.length
+            ? ` Line ${rejected.slice(0, 3).join(", ")}${rejected.length > 3 ? ", ..." : ""} kept as typed.` : "";
+        const draw = this.spec.boxes.length === 2 ? "Drag: subject box, then object box." : "Drag: new box.";
+        return `${draw} Drag a box: move; a corner: resize. Click: select, Del: delete.${bad}`;
     }
 }
 

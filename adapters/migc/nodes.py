@@ -50,8 +50,10 @@ class MIGCApply:
                                "MIGC runs on sampling steps 0..migc_steps (0-based, inclusive: MIGC's "
                                "MIGCsteps); -1 = never"}),
                 "naive_fuser_steps": ("INT", {"default": -1, "min": -1, "max": 10000, "tooltip":
-                                      "after MIGC, the weight-free NaiveFuser runs on steps up to this one "
-                                      "(0-based, inclusive); -1 = never. Later steps: plain cross-attention"}),
+                                      "the weight-free NaiveFuser runs on steps 0..naive_fuser_steps (0-based, "
+                                      "inclusive) in every cross-attention block MIGC does not run in (all "
+                                      "blocks without MIGC weights; the MIGC blocks after migc_steps), as in "
+                                      "MIGC's reference code; -1 = never. Later steps: plain cross-attention"}),
             },
             "optional": {
                 "ca_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,

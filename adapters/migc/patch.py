@@ -1,12 +1,18 @@
-"""MIGC on a ComfyUI model: an attn2 replacement on exactly the blocks its checkpoint carries.
+"""MIGC on a ComfyUI model: an attn2 replacement on the blocks its checkpoint carries, and, when the
+NaiveFuser is on, on every other cross-attention block too.
 
-MIGC needs, per replaced cross-attention, the layer input (image tokens), the cross-attention of the
+The schedule is the reference MIGCProcessor's (docs/migc.md): a block with MIGC weights fuses with MIGC
+on steps 0..migc_steps, then with the weight-free NaiveFuser up to naive_fuser_steps; every other
+cross-attention block fuses with the NaiveFuser on steps 0..naive_fuser_steps; otherwise plain
+cross-attention.
+
+A fusion needs, per replaced cross-attention, the layer input (image tokens), the cross-attention of the
 image with the global caption AND with every instance phrase, each after the layer's ``to_out``, and
 writes back a fused output. ComfyUI's attn2 replacement returns the attention BEFORE ``to_out``, so the
 work is split over three per-model patches that share the block's ``extra_options`` dict:
 
-1. ``attn2_patch`` (capture): keeps the layer input of the MIGC blocks;
-2. attn2 replacement at each MIGC block key: plain attention for every row (what the block would do),
+1. ``attn2_patch`` (capture): keeps the layer input of the patched blocks;
+2. attn2 replacement at each patched block key: plain attention for every row (what the block would do),
    and, for the cond rows while MIGC / NaiveFuser is active, the instance cross-attentions and the
    fusion, kept aside;
 3. ``attn2_output_patch`` (substitute): after ``to_out``, writes the fused cond rows over the output.
@@ -22,7 +28,7 @@ import torch.nn.functional as F
 
 from ..boxes import normalise_box
 from ..common import check_latent_size, cond_rows, current_step
-from ..unet_blocks import cross_attentions
+from ..unet_blocks import cross_attention_blocks, cross_attentions
 from .load import block_name
 from .model import naive_fuse
 
@@ -52,12 +58,13 @@ def box_masks(boxes, width, height):
             F.interpolate(background, size=size, mode="bilinear"))
 
 
-def fusion_mode(step, instance_count, migc_steps, naive_fuser_steps):
-    """MIGC's schedule: "migc" while step <= migc_steps, then "naive" while step <= naive_fuser_steps,
-    then None (plain cross-attention); None with no instances."""
+def fusion_mode(step, instance_count, migc_steps, naive_fuser_steps, has_migc_weights):
+    """MIGC's schedule for one block: "migc" while step <= migc_steps on a block with MIGC weights, else
+    "naive" while step <= naive_fuser_steps (on every cross-attention block), else None (plain
+    cross-attention); None with no instances."""
     if instance_count == 0:
         return None
-    if step <= migc_steps:
+    if has_migc_weights and step <= migc_steps:
         return "migc"
     if step <= naive_fuser_steps:
         return "naive"
@@ -108,7 +115,8 @@ class MIGCPatch:
             raise MIGCApplyError(
                 "MIGC needs the sampling schedule to count steps (transformer_options 'sample_sigmas' and "
                 "'sigmas', set by ComfyUI's samplers); this model was called outside a sampler that provides them")
-        return step, fusion_mode(step, len(self.phrase_contexts), self.migc_steps, self.naive_fuser_steps)
+        return step, fusion_mode(step, len(self.phrase_contexts), self.migc_steps, self.naive_fuser_steps,
+                                 extra_options["block"] in self.weights.blocks)
 
     def attention(self, q, k, v, extra_options):
         from comfy.ldm.modules import attention as comfy_attention
@@ -188,8 +196,9 @@ def encode_phrases(clip, phrases):
     return contexts, (torch.stack(pooled) if pooled else torch.zeros(0, 768))
 
 
-def _check_model(model_patcher, weights):
-    """The attn2 module of every MIGC block of ``weights`` in the model, or a clear error."""
+def _check_model(model_patcher, weights, naive_fuser_steps):
+    """The attn2 module of every block MIGC Apply patches: the MIGC blocks of ``weights`` and, when the
+    NaiveFuser can run (naive_fuser_steps >= 0), every other cross-attention block; or a clear error."""
     if existing_migc(model_patcher):
         raise MIGCApplyError("this model already has MIGC applied; use one MIGC Apply per model branch "
                              "(put all instances in its text, one per line)")
@@ -208,21 +217,27 @@ def _check_model(model_patcher, weights):
                 f"{weights.source} expects {channels} channels and a 768-d text context at block {block}; this "
                 f"model has {attn2.to_q.in_features} channels and a {attn2.to_k.in_features}-d context there. "
                 f"MIGC needs an SD1.x (SD1.4/1.5) model")
+        attn2_by_block[block] = attn2
+    if naive_fuser_steps >= 0:
+        for block in cross_attention_blocks(diffusion_model):
+            attn2_by_block.setdefault(block, find_attn2(diffusion_model, block))
+    for block in attn2_by_block:
         if any(key[:2] == block for key in replaced):
+            role = "a MIGC block" if block in weights.blocks else "a block the NaiveFuser runs on (naive_fuser_steps >= 0)"
             raise MIGCApplyError(
                 f"this model already has an attention replacement on block {block} (another adapter, e.g. "
-                f"IP-Adapter); MIGC cannot share that block: use a separate model branch")
-        attn2_by_block[block] = attn2
+                f"IP-Adapter), {role}; MIGC cannot share that block: use a separate model branch")
     return attn2_by_block
 
 
 def patch_model(model_patcher, migc_patcher, phrase_contexts, pooled, boxes, width, height, migc_steps,
                 naive_fuser_steps, ca_scale=1.0, ea_scale=1.0, sac_scale=1.0):
-    """A clone of ``model_patcher`` with MIGC on the blocks of ``migc_patcher``'s checkpoint, for instances
-    given as encoded phrases and pixel boxes (in order; none = plain cross-attention)."""
+    """A clone of ``model_patcher`` with MIGC on the blocks of ``migc_patcher``'s checkpoint (and, when
+    naive_fuser_steps >= 0, the NaiveFuser on every cross-attention block), for instances given as encoded
+    phrases and pixel boxes (in order; none = plain cross-attention)."""
     if width % 8 or height % 8:
         raise MIGCApplyError(f"width and height must be multiples of 8 (latent size x8), got {width}x{height}")
-    attn2_by_block = _check_model(model_patcher, migc_patcher.model)
+    attn2_by_block = _check_model(model_patcher, migc_patcher.model, naive_fuser_steps)
     patch = MIGCPatch(migc_patcher.model, attn2_by_block, phrase_contexts, pooled, boxes, width, height,
                       migc_steps, naive_fuser_steps, ca_scale, ea_scale, sac_scale)
     patched = model_patcher.clone()
@@ -237,7 +252,7 @@ def patch_model(model_patcher, migc_patcher, phrase_contexts, pooled, boxes, wid
 def apply_migc(model_patcher, migc_patcher, clip, instances, width, height, migc_steps, naive_fuser_steps,
                ca_scale=1.0, ea_scale=1.0, sac_scale=1.0):
     """``patch_model`` for instances [(phrase, (x0, y0, x1, y1) in pixels)], phrases encoded with ``clip``."""
-    _check_model(model_patcher, migc_patcher.model)  # fail before spending time on the text encoder
+    _check_model(model_patcher, migc_patcher.model, naive_fuser_steps)  # fail before the text encoder runs
     contexts, pooled = encode_phrases(clip, [phrase for phrase, _box in instances])
     return patch_model(model_patcher, migc_patcher, contexts, pooled, [box for _phrase, box in instances],
                        width, height, migc_steps, naive_fuser_steps, ca_scale, ea_scale, sac_scale)

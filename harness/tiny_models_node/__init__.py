@@ -1,6 +1,7 @@
 """A test/demo-only ComfyUI custom-node folder: lets a real server process (main.py) load the tiny test
 weights. It registers the same test-only model configs the in-process tests register
-(tiny_models.register_tiny_sd15, tiny_ipadapter.register_tiny_clip_vision); everything else in the
+(tiny_models.register_tiny_sd15, tiny_clip_vision.register_tiny_clip_vision,
+tiny_flux_sdxl.register_tiny_flux_sdxl); everything else in the
 server stays stock ComfyUI. Link it into <base>/custom_nodes/ beside the pack; never ship it to users.
 """
 import os
@@ -10,9 +11,10 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__
 if _REPO_ROOT not in sys.path:
     sys.path.append(_REPO_ROOT)  # appended: ComfyUI's own modules (`nodes`, `utils`) keep precedence
 
-from harness import tiny_ipadapter, tiny_models  # noqa: E402
+from harness import tiny_clip_vision, tiny_flux_sdxl, tiny_models  # noqa: E402
 
 tiny_models.register_tiny_sd15()
-tiny_ipadapter.register_tiny_clip_vision()
+tiny_clip_vision.register_tiny_clip_vision()
+tiny_flux_sdxl.register_tiny_flux_sdxl()
 
 NODE_CLASS_MAPPINGS = {}
