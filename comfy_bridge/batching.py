@@ -9,7 +9,8 @@ stays the branch's own around it) the call waits. Once every branch waits, the w
 a forward run as ONE `apply_model` over all their rows:
 
 - rows: the branches' inputs, timesteps and conditioning concatenated (text conditioning of different
-  lengths repeated to a common length by ComfyUI's own CONDCrossAttn, as calc_cond_batch does); ControlNet
+  lengths repeated to a common length by ComfyUI's own CONDCrossAttn where the model's conds are of that
+  kind, as calc_cond_batch does; of other lengths they run apart); ControlNet
   residuals concatenated, zeros for a branch without them (added to the UNet's activations: no change);
 - patches: each branch's block, attention and replace patches run on that branch's rows only, with the
   transformer_options it would see alone (its own keys, its cond_or_uncond, its shapes); a branch without a
@@ -56,11 +57,13 @@ class _NotSplittable(Exception):
 
 
 class _ApplyCall:
-    """One branch's diffusion-model call as its calc_cond_batch makes it."""
-    __slots__ = ("branch", "apply_model", "input_x", "timestep", "c")
+    """One branch's diffusion-model call as its calc_cond_batch makes it; `padded`: the conditioning keys its
+    model pads to a common length when it batches them (CONDCrossAttn)."""
+    __slots__ = ("branch", "apply_model", "input_x", "timestep", "c", "padded")
 
-    def __init__(self, branch, apply_model, input_x, timestep, c):
+    def __init__(self, branch, apply_model, input_x, timestep, c, padded):
         self.branch, self.apply_model, self.input_x, self.timestep, self.c = branch, apply_model, input_x, timestep, c
+        self.padded = padded
 
     @property
     def model(self):
@@ -106,8 +109,8 @@ def _conditioning_fits(key, a, b, call_a, call_b):
         return False
     if a.shape[1:] == b.shape[1:]:
         return True
-    return key == "c_crossattn" and a.ndim == 3 and comfy.conds.CONDCrossAttn(a[:1]).can_concat(
-        comfy.conds.CONDCrossAttn(b[:1]))
+    return key in call_a.padded and key in call_b.padded and a.ndim == 3 and comfy.conds.CONDCrossAttn(
+        a[:1]).can_concat(comfy.conds.CONDCrossAttn(b[:1]))
 
 
 def _control_fits(a, b):
@@ -175,7 +178,7 @@ def same_call(a, b):
 def _concat_conditioning(key, values, calls):
     if not all(_per_row(value, call) for value, call in zip(values, calls)):
         return values[0]  # the same for every call (can_share_forward)
-    if key == "c_crossattn" and len({v.shape[1] for v in values}) > 1:
+    if len({v.shape[1:] for v in values}) > 1:  # lengths a CONDCrossAttn key may differ in (can_share_forward)
         return comfy.conds.CONDCrossAttn(values[0]).concat([comfy.conds.CONDCrossAttn(v) for v in values[1:]])
     return torch.cat(values)
 
@@ -357,6 +360,17 @@ def _fits_in_memory(calls):
     return model.memory_required(shape, cond_shapes=cond_shapes) * 1.5 < free
 
 
+def _padded_keys(model):
+    """The conditioning keys a branch's model pads to a common length when batching (its processed conds'
+    CONDCrossAttn entries: text cross-attention of UNets, not the joint-attention text of Flux or SD3,
+    whose CONDRegular needs equal lengths), read off the guider the sampler's model wraps."""
+    guider = getattr(model, "inner_model", model)
+    conds = getattr(guider, "conds", None) or {}
+    return frozenset(key for entries in conds.values() for cond in entries or ()
+                     for key, value in (cond.get("model_conds") or {}).items()
+                     if isinstance(value, comfy.conds.CONDCrossAttn))
+
+
 class BatchedEvaluation:
     """The `evaluate` of a lockstep run (amdm_core.run_lockstep) that shares forwards where it can.
 
@@ -413,10 +427,11 @@ class BatchedEvaluation:
         run; the branch's own model_function_wrapper stays around them."""
         options = dict(call.kwargs.get("model_options") or {})
         own_wrapper = options.get("model_function_wrapper")
+        padded = _padded_keys(call.model)
 
         def wrapper(apply_model, args):
             def meet(input_x, timestep, **c):
-                return turns.pause(_ApplyCall(index, apply_model, input_x, timestep, c))
+                return turns.pause(_ApplyCall(index, apply_model, input_x, timestep, c, padded))
 
             if own_wrapper is not None:
                 return own_wrapper(meet, args)

@@ -158,3 +158,29 @@ def test_branches_with_other_weights_run_apart_and_exact(comfy, pack, tiny_model
     assert len(forwards) == STEPS + WINDOW + 1, "branches with other weights shared a forward"
     assert torch.equal(shared_unet, sample(with_weight_patch(separate_copy(tiny_model))))
 
+
+
+@pytest.mark.parametrize("family, padded", [("sd15", True), ("sd3", False), ("flux", False)])
+def test_text_of_other_lengths_shares_a_forward_only_where_the_model_pads_it(comfy, pack, forwards, family, padded):
+    """SD1.x cross-attention text (CONDCrossAttn) is repeated to a common length as calc_cond_batch does; the
+    joint-attention text of SD3 and Flux (CONDRegular), where repeating tokens would change the result,
+    runs apart."""
+    from harness import tiny_models
+
+    model = tiny_models.tiny_family_patcher(family, seed=0)
+    short = tiny_models.family_conditioning(family, 1)
+    long = [[torch.cat([tokens, tokens.flip(1)], dim=1), dict(options)]
+            for tokens, options in tiny_models.family_conditioning(family, 2)]
+    channels = model.get_model_object("latent_format").latent_channels
+    node = pack.NODE_CLASS_MAPPINGS["AMDMAggregateSampler"]()
+
+    def sample(aux):
+        with torch.no_grad():
+            return node.sample(model, short, short, aux, long, long, {"samples": torch.zeros(1, channels, 8, 8)}, 5,
+                               STEPS, 4.0, 4.0, "euler", "simple", 1.0, 0.5, WINDOW, "paper", 0.0, "auto",
+                               "independent")[0]["samples"]
+
+    shared = sample(model)
+    assert len(forwards) == (STEPS if padded else STEPS + WINDOW + 1)
+    apart = sample(separate_copy(model))
+    assert float((shared - apart).abs().max()) <= TOLERANCE * float(apart.abs().max())
