@@ -22,7 +22,10 @@ Counted per run by wrapping ComfyUI's own methods: `ModelPatcher.partially_load`
 entry, what the issue counted; cheap when the patcher's weights are already the live ones) and
 `ModelPatcher.load` (a whole-UNet (re-)patch: every module visited, every patched weight recomputed),
 also those made inside `PatcherSwitch.activate`. Goal: `partially_load` calls per run no more than with
-equal patches plus one per branch, and time ratio <= 1.1.
+equal patches plus one per branch, and time ratio <= 1.1. Every run has the branches' calls apart
+(comfy_bridge.batching.SHARED_FORWARDS off): branches with equal weights would otherwise share one forward,
+which branches with different LoRAs cannot, and the ratio would measure that (bench/sampler_overhead.py
+does) instead of the switch.
 
 Also printed: the memory the switch keeps beyond one copy of the weights (`PatcherSwitch.kept_bytes`),
 and what patching the LoRA'd layers at forward time (ComfyUI's LowVramPatch way) would cost per call of
@@ -143,6 +146,7 @@ def main():
     import nodes
 
     pack = runtime.load_pack()
+    runtime.pack_module("comfy_bridge.batching").SHARED_FORWARDS = False  # the switch alone (module docstring)
     patcher_switch = runtime.pack_module("comfy_bridge.branches").PatcherSwitch
     loras = os.path.join(folder_paths.models_dir, "loras")
     style = tiny_lora.write_sd15_lora(os.path.join(loras, "style.safetensors"), seed=1, rank=args.rank)
@@ -196,7 +200,8 @@ def main():
         "tiny SD1.5-shaped UNet "
         f"({unet_bytes / 2**20:.1f} MiB of weights), latent {args.size}x{args.size}, N = 2, T = {STEPS}, "
         f"s = {WINDOW}, euler / normal; kohya-layout LoRAs on {len(styled.patches)} weights, rank {args.rank}; "
-        f"fastest of {args.repeats} interleaved runs after a warm-up.",
+        f"fastest of {args.repeats} interleaved runs after a warm-up; the branches' calls apart (no shared "
+        "forward), so that the ratio measures the switch.",
         "",
         "| run | `partially_load` per run | `load` per run (whole-UNet (re-)patches) | of them by the switch | "
         "wall time (s) | CPU time (s) | CPU time ratio | memory kept by the switch |",

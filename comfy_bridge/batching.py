@@ -165,14 +165,16 @@ def same_call(a, b):
     """Whether the diffusion-model calls a and b are the same call (what identical branches make at the same
     latent): then one forward, of exactly the rows either would run alone, serves both. The per-cond uuids
     are names, not inputs."""
-    if a.model is None or a.model is not b.model or not (_same(a.input_x, b.input_x) and _same(a.timestep, b.timestep)):
-        return False
-    if a.c.keys() != b.c.keys():
+    if a.model is None or a.model is not b.model or a.c.keys() != b.c.keys() or a.input_x.shape != b.input_x.shape:
         return False
     first, second = dict(a.options), dict(b.options)
     first.pop("uuids", None)
     second.pop("uuids", None)
-    return _equal(first, second) and all(_equal(a.c[k], b.c[k]) for k in a.c if k != "transformer_options")
+    # the patches first (no device sync), then the tensors
+    if not _equal(first.get("patches"), second.get("patches")) or not _equal(first, second):
+        return False
+    return (_same(a.input_x, b.input_x) and _same(a.timestep, b.timestep)
+            and all(_equal(a.c[k], b.c[k]) for k in a.c if k != "transformer_options"))
 
 
 def _concat_conditioning(key, values, calls):
