@@ -19,8 +19,10 @@ SD15_TRANSFORMER_BLOCKS = (
 
 def init_weights_(module, seed):
     """Fill every parameter deterministically: matrices/convs ~ N(0, 1/fan_in), 1-D weights (norms) 1,
-    biases 0, embeddings ~ N(0, 0.02). ComfyUI builds layers without initialising them, so this is
-    required; zeroed norms would make every comparison pass trivially."""
+    biases 0, embeddings ~ N(0, 0.02); then every floating buffer a checkpoint carries (SD3's pos_embed)
+    ~ N(0, 0.02). ComfyUI builds layers and such buffers with torch.empty, so this is required: left alone
+    they hold whatever the memory held (NaN in some processes); zeroed norms would make every comparison
+    pass trivially."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in module.named_parameters():
@@ -33,6 +35,10 @@ def init_weights_(module, seed):
                 param.fill_(1.0)
             else:
                 param.zero_()
+        saved = module.state_dict(keep_vars=True)
+        for name, buffer in module.named_buffers():
+            if name in saved and buffer.is_floating_point():
+                buffer.copy_(torch.randn(buffer.shape, generator=gen) * 0.02)
     return module
 
 

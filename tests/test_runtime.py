@@ -29,6 +29,25 @@ def test_tiny_unet_output_is_finite_varied_and_conditioned(tiny_model, random_co
     assert (out_a - out_b).abs().max() > 1e-3, "the tiny UNet ignores its conditioning"
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
+def test_tiny_family_weights_are_all_set_by_the_seed(comfy, family):
+    """ComfyUI allocates weights and checkpoint buffers (SD3's pos_embed) with torch.empty: whatever the
+    memory held, NaN included, must not survive the harness's initialisation."""
+    from harness import tiny_models
+
+    fresh = tiny_models.tiny_family_patcher(family, seed=0).model.diffusion_model
+    garbage = tiny_models.tiny_family_patcher(family, seed=0).model.diffusion_model
+    with torch.no_grad():
+        for tensor in garbage.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.fill_(float("nan"))
+    state = tiny_models.init_weights_(garbage, seed=0).state_dict()
+    unset = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    assert not unset, f"{family}: left uninitialised by init_weights_: {unset}"
+    differs = [name for name, tensor in fresh.state_dict().items() if not torch.equal(tensor, state[name])]
+    assert not differs, f"{family}: not determined by the seed: {differs}"
+
+
 def test_tiny_checkpoint_loads_through_real_loader(checkpoint, comfy):
     model, clip, vae = checkpoint
     assert type(model.model).__name__ == "BaseModel"
